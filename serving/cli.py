@@ -1,0 +1,93 @@
+"""The `serving` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from serving import __version__
+
+
+def _models_build(args: argparse.Namespace) -> int:
+    from serving.models import family
+    from serving.models.build import BuildError, build_family
+
+    try:
+        built = build_family(args.out, force=args.force, names=args.variant or None)
+    except BuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for name, found in built.items():
+        print(f"  {name:5} {found['weights_sha256'][:16]}  {args.out / family.variant(name).folder}")
+    return 0
+
+
+def _models_show(args: argparse.Namespace) -> int:
+    from serving.models import family, manifest
+
+    status = 0
+    for variant in family.VARIANTS:
+        folder = args.out / variant.folder
+        try:
+            found = manifest.read_manifest(folder, verify_weights=args.verify)
+        except manifest.ManifestError as exc:
+            print(f"{variant.name}: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        print(json.dumps(found, indent=2, sort_keys=True) if args.json else _summary(found))
+    return status
+
+
+def _summary(found: dict[str, object]) -> str:
+    quant = found["quantization"] or {}
+    assert isinstance(quant, dict)
+    method = f"{quant.get('method')} {quant.get('scheme')}" if quant else "none (base)"
+    return (
+        f"{found['variant']:5}  precision={found['precision']:5} quantization={method:16} "
+        f"weights={str(found['weights_sha256'])[:16]} created={found['created_at']}"
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from serving.launch import serve
+
+    return serve(args.models, host=args.host, port=args.port)
+
+
+def parser() -> argparse.ArgumentParser:
+    from serving.models.build import DEFAULT_OUT
+
+    top = argparse.ArgumentParser(prog="serving", description="Precision-aware LLM serving.")
+    top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    models = commands.add_parser("models", help="build and inspect the demo model family")
+    models_commands = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    build = models_commands.add_parser("build", help="build the demo family (fp16, int8 W8A8, awq W4A16)")
+    build.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
+    build.add_argument("--force", action="store_true", help="rebuild even what is up to date")
+    build.add_argument("--variant", action="append", choices=["fp16", "int8", "awq"], help="only this variant")
+    build.set_defaults(func=_models_build)
+    show = models_commands.add_parser("show", help="print the provenance manifest of each variant")
+    show.add_argument("--out", type=Path, default=DEFAULT_OUT, help="family folder (default: %(default)s)")
+    show.add_argument("--json", action="store_true", help="print the whole manifests as JSON")
+    show.add_argument("--verify", action="store_true", help="re-hash the weights against the manifests")
+    show.set_defaults(func=_models_show)
+
+    serve = commands.add_parser("serve", help="serve the demo family at http://HOST:PORT/v1 until Ctrl-C")
+    serve.add_argument("--models", type=Path, default=DEFAULT_OUT, help="family folder (default: %(default)s)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(func=_serve)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

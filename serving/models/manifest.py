@@ -1,0 +1,114 @@
+"""Provenance manifests: what a variant folder is, where it came from, and a hash of its weights.
+
+Standard library only: this module is imported by the quantization environment (no pydantic
+guarantees, no vLLM) as well as by the serving environment.
+
+The weight hash is taken over the tensors, not the files: for every tensor in every
+`*.safetensors` file, sorted by name, it hashes the name, dtype, shape and raw bytes. File-level
+metadata (which some writers stamp with versions or dates) therefore never changes the hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import struct
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "provenance.json"
+SCHEMA_VERSION = 1
+
+
+class ManifestError(ValueError):
+    """A variant folder has no manifest, or a manifest that does not describe the folder."""
+
+
+def _safetensors_entries(path: Path) -> tuple[dict[str, Any], int]:
+    """Returns the header of a safetensors file and the offset where its data starts."""
+    with path.open("rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    header.pop("__metadata__", None)
+    return header, 8 + header_len
+
+
+def weights_sha256(folder: Path) -> str:
+    """A hash of every tensor in the folder's safetensors files, independent of file layout."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ManifestError(f"no *.safetensors weights in {folder}")
+    tensors: list[tuple[str, Path, dict[str, Any], int]] = []
+    for path in files:
+        header, data_start = _safetensors_entries(path)
+        tensors.extend((name, path, info, data_start) for name, info in header.items())
+    digest = hashlib.sha256()
+    for name, path, info, data_start in sorted(tensors, key=lambda t: t[0]):
+        begin, end = info["data_offsets"]
+        with path.open("rb") as f:
+            f.seek(data_start + begin)
+            data = f.read(end - begin)
+        digest.update(f"{name}|{info['dtype']}|{info['shape']}|{len(data)}\n".encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tool_versions(*distributions: str) -> dict[str, str]:
+    """Installed versions of the named distributions; a missing one is recorded as such."""
+    versions = {"python": platform.python_version()}
+    for name in distributions:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def write_manifest(folder: Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """Writes the manifest for a finished variant folder, hashing its weights now."""
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        **fields,
+        "weights_sha256": weights_sha256(folder),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+REQUIRED_FIELDS = (
+    "schema_version",
+    "variant",
+    "precision",
+    "base_model",
+    "quantization",
+    "calibration",
+    "tools",
+    "hardware_target",
+    "weights_sha256",
+    "created_at",
+)
+
+
+def read_manifest(folder: Path, *, verify_weights: bool = False) -> dict[str, Any]:
+    """Reads and checks a variant's manifest; with verify_weights, also re-hashes the weights."""
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{folder} has no {MANIFEST_NAME}: the variant has no recorded provenance")
+    try:
+        manifest: dict[str, Any] = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path} is not valid JSON: {exc}") from exc
+    missing = [key for key in REQUIRED_FIELDS if key not in manifest]
+    if missing:
+        raise ManifestError(f"{path} lacks the fields: {', '.join(missing)}")
+    if verify_weights and weights_sha256(folder) != manifest["weights_sha256"]:
+        raise ManifestError(f"the weights in {folder} do not match the hash in its manifest")
+    return manifest

@@ -1,0 +1,103 @@
+"""Loads one variant folder in a real vLLM engine and reports what the engine sees: the quantization
+it detected, the quantization scheme of its linear layers, and greedy completions of a fixed prompt set.
+
+Run as a child process (vLLM spawns its engine process, so this needs its own `__main__`):
+
+    python -m serving.models.probe VARIANT_DIR report.json
+
+`compare` then turns two reports into token agreement, the offline evaluation used by the tests
+and by `serving models eval`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from serving.models import family
+
+MAX_TOKENS = 32
+NUM_PROMPTS = 16
+
+
+def prompts() -> list[str]:
+    """The fixed prompt set: the opening words of the corpus paragraphs, in corpus order."""
+    paragraphs = [p.strip() for p in family.corpus_text().split("\n\n") if len(p.split()) >= 12]
+    step = max(1, len(paragraphs) // NUM_PROMPTS)
+    return [" ".join(p.split()[:10]) for p in paragraphs[::step][:NUM_PROMPTS]]
+
+
+def linear_schemes(model: Any) -> list[str]:
+    """Names of the quantization schemes (compressed-tensors) or methods the model's layers use."""
+    found = set()
+    for module in model.modules():
+        scheme = getattr(module, "scheme", None)
+        if scheme is not None:
+            found.add(type(scheme).__name__)
+        elif hasattr(module, "quant_method") and module.quant_method is not None:
+            found.add(type(module.quant_method).__name__)
+    return sorted(found)
+
+
+def probe(folder: Path) -> dict[str, Any]:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(folder), max_model_len=512, seed=0, enforce_eager=True)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    outputs = llm.generate(prompts(), params, use_tqdm=False)
+    return {
+        "folder": str(folder),
+        "engine_quantization": llm.llm_engine.model_config.quantization,
+        "engine_dtype": str(llm.llm_engine.model_config.dtype).removeprefix("torch."),
+        "linear_schemes": sorted({s for worker in llm.apply_model(linear_schemes) for s in worker}),
+        "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
+        "texts": [o.outputs[0].text for o in outputs],
+    }
+
+
+def token_agreement(reference: list[list[int]], candidate: list[list[int]]) -> float:
+    """Mean over prompts of the share of positions where the two greedy continuations agree."""
+    if len(reference) != len(candidate) or not reference:
+        raise ValueError("token agreement needs two non-empty reports over the same prompts")
+    shares = []
+    for ref, cand in zip(reference, candidate, strict=True):
+        length = max(len(ref), len(cand))
+        same = sum(1 for a, b in zip(ref, cand, strict=False) if a == b)
+        shares.append(same / length if length else 1.0)
+    return sum(shares) / len(shares)
+
+
+def run_probe(folder: Path, python: str = sys.executable) -> dict[str, Any]:
+    """Runs `probe` in a child process and returns its report."""
+    import subprocess
+    import tempfile
+
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        # apply_model ships a function to the engine process, which needs pickle over its RPC.
+        "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+    }
+    with tempfile.TemporaryDirectory() as scratch:
+        report_path = Path(scratch) / "report.json"
+        done = subprocess.run(
+            [python, "-m", "serving.models.probe", str(folder), str(report_path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0 or not report_path.exists():
+            raise RuntimeError(f"probing {folder} failed:\n{done.stderr[-4000:]}")
+        report: dict[str, Any] = json.loads(report_path.read_text())
+    return report
+
+
+if __name__ == "__main__":
+    # Through the module, not __main__: apply_model pickles `linear_schemes` by its importable name.
+    from serving.models import probe as importable
+
+    Path(sys.argv[2]).write_text(json.dumps(importable.probe(Path(sys.argv[1]))))

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from serving import cli
+
+
+def test_help_lists_the_subcommands() -> None:
+    done = subprocess.run([sys.executable, "-m", "serving.cli", "--help"], capture_output=True, text=True, check=True)
+    for command in ("models", "serve"):
+        assert command in done.stdout
+
+
+def test_models_show_on_an_empty_folder_says_what_is_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["models", "show", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "fp16:" in err
+    assert "no provenance.json" in err
+
+
+def test_unknown_variant_is_refused_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["models", "build", "--variant", "fp8"])
+    assert exited.value.code == 2
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
