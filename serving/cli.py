@@ -53,7 +53,14 @@ def _summary(found: dict[str, object]) -> str:
 def _serve(args: argparse.Namespace) -> int:
     from serving.launch import serve
 
-    return serve(args.models, host=args.host, port=args.port)
+    overrides = {}
+    for item in args.variant or []:
+        name, sep, path = item.partition("=")
+        if not sep or name not in ("fp16", "int8", "awq"):
+            print(f"error: --variant wants NAME=PATH with NAME one of fp16, int8, awq; got {item!r}", file=sys.stderr)
+            return 2
+        overrides[name] = Path(path)
+    return serve(args.models, host=args.host, port=args.port, overrides=overrides)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -80,6 +87,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--models", type=Path, default=DEFAULT_OUT, help="family folder (default: %(default)s)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--variant", action="append", metavar="NAME=PATH", help="serve this folder as variant NAME (repeatable)"
+    )
     serve.set_defaults(func=_serve)
     return top
 

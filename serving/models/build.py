@@ -71,7 +71,8 @@ def build_variant(variant: family.Variant, out: Path) -> None:
             "--out",
             str(scratch),
         ]
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        # TQDM_MININTERVAL: llmcompressor draws a progress bar per layer; redraw each every few seconds only.
+        env = {"TQDM_MININTERVAL": "5", **os.environ, "PYTHONPATH": str(REPO_ROOT)}
         if subprocess.run(command, env=env, cwd=REPO_ROOT, check=False).returncode != 0:
             raise BuildError(f"quantizing {variant.name} failed; its output is above")
     shutil.rmtree(target, ignore_errors=True)

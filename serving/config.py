@@ -1,0 +1,147 @@
+"""The one config file: variants, tiers, keys, limits. Frozen pydantic models that refuse unknown keys.
+
+`load_config(path)` is the only way in; a bad file raises `ConfigError` whose message names every
+offending key by its path in the file (e.g. `tiers.batch.weight`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Annotated, Literal, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Precision = Literal["fp32", "bf16", "fp16", "int8", "awq", "gptq", "fp8"]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+
+
+class ConfigError(ValueError):
+    """The config file cannot be used; the message names each problem and where it is."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VariantConfig(Strict):
+    path: Path = Field(description="folder of the model weights (HF layout), relative to the config file")
+    precision: Precision = Field(description="what the weights are; `forbid` lists refer to this")
+    max_model_len: int = Field(1024, ge=16, description="engine context length (prompt + output tokens)")
+
+
+class ShadowConfig(Strict):
+    target: Name = Field(description="the variant that shadow copies of requests go to")
+    rate: float = Field(ge=0.0, le=1.0, description="fraction of the tier's requests mirrored")
+
+
+class TierConfig(Strict):
+    baseline: Name = Field(description="the variant that answers unless the canary picks the candidate")
+    candidate: Name | None = Field(None, description="the variant under canary, if any")
+    weight: float = Field(0.0, ge=0.0, le=100.0, description="percent of users sent to the candidate")
+    shadow: ShadowConfig | None = None
+    forbid: tuple[Precision, ...] = Field((), description="precisions this tier's traffic may never reach")
+
+    @model_validator(mode="after")
+    def _weight_needs_candidate(self) -> Self:
+        if self.weight > 0 and self.candidate is None:
+            raise ValueError("weight is above 0 but the tier has no candidate")
+        if round(self.weight, 3) != self.weight:
+            raise ValueError("weight has a resolution of 0.001 percent; round it to 3 decimals")
+        return self
+
+
+class KeyConfig(Strict):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the bearer key; never the key")
+    tenant: Name
+    tier: Name
+    may_override: bool = Field(False, description="may pin a variant with the x-variant header")
+
+
+class LimitsConfig(Strict):
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    max_n: int = Field(4, ge=1, le=128)
+    max_tokens: int = Field(512, ge=1)
+    max_prompt_chars: int = Field(32_000, ge=1)
+
+
+class ServerConfig(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+
+class Config(Strict):
+    model: Name = Field(description="the model name clients send; the one name /v1/models lists")
+    variants: dict[Name, VariantConfig]
+    tiers: dict[Name, TierConfig]
+    keys: tuple[KeyConfig, ...]
+    limits: LimitsConfig = LimitsConfig()
+    server: ServerConfig = ServerConfig()
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> Self:
+        problems = []
+        for tier_name, tier in self.tiers.items():
+            used = {"baseline": tier.baseline, "candidate": tier.candidate}
+            if tier.shadow is not None:
+                used["shadow.target"] = tier.shadow.target
+            for field, variant in used.items():
+                if variant is None:
+                    continue
+                if variant not in self.variants:
+                    problems.append(f"tiers.{tier_name}.{field}: unknown variant {variant!r}")
+                elif field != "shadow.target" and self.variants[variant].precision in tier.forbid:
+                    problems.append(
+                        f"tiers.{tier_name}.{field}: variant {variant!r} is {self.variants[variant].precision}, "
+                        "which the tier forbids"
+                    )
+        for i, key in enumerate(self.keys):
+            if key.tier not in self.tiers:
+                problems.append(f"keys.{i}.tier: unknown tier {key.tier!r}")
+        if len({k.sha256 for k in self.keys}) != len(self.keys):
+            problems.append("keys: the same key hash appears twice")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def hash_key(plain: str) -> str:
+    return hashlib.sha256(plain.encode()).hexdigest()
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(text: str, *, base_dir: Path, source: str = "<config>") -> Config:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} must be a YAML mapping at the top level")
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source} is invalid:\n{_describe(exc)}") from None
+    # Relative variant paths are relative to the config file, so a config can sit beside its models.
+    variants = {
+        name: v.model_copy(update={"path": (base_dir / v.path).resolve()}) for name, v in config.variants.items()
+    }
+    return config.model_copy(update={"variants": variants})
+
+
+def load_config(path: Path) -> Config:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    return parse_config(text, base_dir=path.parent, source=str(path))

@@ -1,0 +1,59 @@
+"""Every client-visible failure, raised inside as a typed error and turned into the OpenAI error
+shape once, at the HTTP edge (`error_response`). Nothing else reaches a client: no traceback, no path.
+
+    ServingError                    status  type
+    ├── BadRequest                  400     invalid_request_error
+    ├── Unauthorized                401     authentication_error
+    ├── Forbidden                   403     permission_error
+    ├── NotFound                    404     not_found_error
+    ├── PayloadTooLarge             413     invalid_request_error
+    └── Unavailable                 503     service_unavailable
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class ServingError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class BadRequest(ServingError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class Unauthorized(ServingError):
+    status = 401
+    type = "authentication_error"
+
+
+class Forbidden(ServingError):
+    status = 403
+    type = "permission_error"
+
+
+class NotFound(ServingError):
+    status = 404
+    type = "not_found_error"
+
+
+class PayloadTooLarge(ServingError):
+    status = 413
+    type = "invalid_request_error"
+
+
+class Unavailable(ServingError):
+    status = 503
+    type = "service_unavailable"
