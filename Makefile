@@ -14,7 +14,7 @@ models: install install-quant  ## build the demo model family if it is missing o
 	@.venv/bin/serving models build --out $(MODELS)
 
 serve: models  ## serve the demo stack at http://127.0.0.1:8000/v1 until Ctrl-C
-	@.venv/bin/serving serve --models $(MODELS)
+	@.venv/bin/serving serve --config deploy/demo.yaml
 
 test: install install-quant  ## lint, type checks and the whole test suite
 	@scripts/test.sh

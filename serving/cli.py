@@ -51,20 +51,43 @@ def _summary(found: dict[str, object]) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from serving.config import ConfigError
     from serving.launch import serve
 
-    overrides = {}
-    for item in args.variant or []:
-        name, sep, path = item.partition("=")
-        if not sep or name not in ("fp16", "int8", "awq"):
-            print(f"error: --variant wants NAME=PATH with NAME one of fp16, int8, awq; got {item!r}", file=sys.stderr)
-            return 2
-        overrides[name] = Path(path)
-    return serve(args.models, host=args.host, port=args.port, overrides=overrides)
+    try:
+        return serve(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _apply(args: argparse.Namespace) -> int:
+    from serving.config import ConfigError
+    from serving.launch import apply
+
+    try:
+        return apply(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _check(args: argparse.Namespace) -> int:
+    from serving.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.config}: valid ({len(config.variants)} variants, {len(config.tiers)} tiers, {len(config.keys)} keys)")
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
-    from serving.models.build import DEFAULT_OUT
+    from serving.models.build import DEFAULT_OUT, REPO_ROOT
+
+    DEFAULT_CONFIG = REPO_ROOT / "deploy" / "demo.yaml"
 
     top = argparse.ArgumentParser(prog="serving", description="Precision-aware LLM serving.")
     top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -83,14 +106,15 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("--verify", action="store_true", help="re-hash the weights against the manifests")
     show.set_defaults(func=_models_show)
 
-    serve = commands.add_parser("serve", help="serve the demo family at http://HOST:PORT/v1 until Ctrl-C")
-    serve.add_argument("--models", type=Path, default=DEFAULT_OUT, help="family folder (default: %(default)s)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument(
-        "--variant", action="append", metavar="NAME=PATH", help="serve this folder as variant NAME (repeatable)"
-    )
+    serve = commands.add_parser("serve", help="serve the configured stack until Ctrl-C")
+    serve.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
     serve.set_defaults(func=_serve)
+    apply = commands.add_parser("apply", help="apply a changed config file to the running stack, in place")
+    apply.add_argument("config", type=Path, help="the config file")
+    apply.set_defaults(func=_apply)
+    check = commands.add_parser("check", help="validate a config file without applying it")
+    check.add_argument("config", type=Path, help="the config file")
+    check.set_defaults(func=_check)
     return top
 
 

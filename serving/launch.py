@@ -1,27 +1,20 @@
-"""Starts Ray and Ray Serve on this machine, serves the demo variants, and stops everything on Ctrl-C.
-
-Until the router exists, each variant is served as its own model by Ray Serve LLM's OpenAI app
-(`demo-chat-fp16`, `demo-chat-int8`, `demo-chat-awq`).
-"""
+"""Starts Ray and Ray Serve on this machine, serves the configured application, and stops everything
+on Ctrl-C; `apply` hands a changed config file to the running application."""
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
-from serving.models import family, manifest
+from serving.config import Config, ConfigError, load_config
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = "demo-chat"
 # Ray's logical CPUs, not the machine's: each engine replica holds one, and on a 2-core machine the
 # ingress would otherwise wait forever for a CPU (STACK.md quirk 8).
 RAY_LOGICAL_CPUS = 12
-KV_CACHE_GIB = "1"  # STACK.md quirk 9: the CPU default reserves far more than tiny models need
 
 
 def has_gpu() -> bool:
@@ -30,59 +23,42 @@ def has_gpu() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def llm_config(name: str, folder: Path, *, gpu: bool) -> Any:
-    from ray.serve.llm import LLMConfig
-
-    return LLMConfig(
-        model_loading_config={"model_id": f"{MODEL_NAME}-{name}", "model_source": str(folder)},
-        # Without a GPU, a CPU bundle makes Ray infer a CPU deployment; the default asks for a GPU
-        # and would wait for one forever (STACK.md quirk 4).
-        placement_group_config=None if gpu else {"bundles": [{"CPU": 1}]},
-        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GIB)}},
-        engine_kwargs={"max_model_len": 1024, "dtype": "float16"},
-        deployment_config={"num_replicas": 1},
-    )
-
-
-def variant_folders(models: Path, overrides: dict[str, Path]) -> dict[str, Path]:
-    """The demo family's folders, with any variant pointed elsewhere (e.g. a real model's builds)."""
-    folders = {v.name: models / v.folder for v in family.VARIANTS}
-    folders.update(overrides)
-    return folders
-
-
 def _stop_on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # same clean shutdown as Ctrl-C
 
 
-def serve(models: Path, *, host: str, port: int, overrides: dict[str, Path] | None = None) -> int:
+def check_variants_exist(config: Config) -> None:
+    missing = [f"{name} ({v.path})" for name, v in config.variants.items() if not (v.path / "config.json").is_file()]
+    if missing:
+        raise ConfigError(f"these variants have no model at their path: {', '.join(missing)}")
+
+
+def serve(config_path: Path) -> int:
     import ray
     from ray import serve as ray_serve
-    from ray.serve.llm import build_openai_app
 
-    gpu = has_gpu()
-    configs = []
-    for name, folder in variant_folders(models, overrides or {}).items():
-        try:
-            found = manifest.read_manifest(folder)
-            print(f"variant {name}: {found['precision']}, weights {found['weights_sha256'][:16]}, {folder}")
-        except manifest.ManifestError as exc:
-            # Flagged, not refused: a real model built elsewhere may have no manifest of ours yet.
-            print(f"warning: variant {name} has no recorded provenance: {exc}")
-        configs.append(llm_config(name, folder, gpu=gpu))
+    from serving.app import APP_NAME, NAMESPACE, build_app
 
+    config = load_config(config_path)
+    check_variants_exist(config)
     started = time.monotonic()
-    ray.init(num_cpus=RAY_LOGICAL_CPUS, include_dashboard=False, logging_level=logging.WARNING)
+    # Replica logs stay in Ray's session log folder; the terminal shows what an operator needs.
+    ray.init(num_cpus=RAY_LOGICAL_CPUS, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    # Ctrl-C must stop the stack even where the shell started us with SIGINT ignored (e.g. with `&`).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        ray_serve.start(http_options={"host": host, "port": port})
-        print(f"starting {len(configs)} engines (first start takes a minute or two) ...", flush=True)
-        ray_serve.run(build_openai_app({"llm_configs": configs}), name="demo", route_prefix="/")
+        ray_serve.start(http_options={"host": config.server.host, "port": config.server.port})
+        print(f"starting {len(config.variants)} engines and the router (a minute or two) ...", flush=True)
+        ray_serve.run(build_app(config, gpu=has_gpu()), name=APP_NAME, route_prefix="/")
+        base = f"http://{config.server.host}:{config.server.port}"
         print(
-            f"serving at http://{host}:{port}/v1 (models: {', '.join(c.model_id for c in configs)}); "
-            f"ready in {time.monotonic() - started:.0f} s. Ctrl-C stops.",
+            f"serving {config.model!r} at {base}/v1 (variants: {', '.join(config.variants)}); "
+            f"ready in {time.monotonic() - started:.0f} s.\n"
+            f"change weights: edit {config_path} and run `.venv/bin/serving apply {config_path}`. "
+            "Ctrl-C stops.",
             flush=True,
         )
-        signal.signal(signal.SIGTERM, _stop_on_sigterm)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -90,4 +66,29 @@ def serve(models: Path, *, host: str, port: int, overrides: dict[str, Path] | No
     finally:
         ray_serve.shutdown()
         ray.shutdown()
+    return 0
+
+
+def apply(config_path: Path) -> int:
+    """Validates the file and hands it to the running application's config store."""
+    import ray
+
+    from serving.app import NAMESPACE, config_store
+
+    config = load_config(config_path)
+    try:
+        ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
+    except ConnectionError as exc:
+        raise ConfigError(f"no running stack to apply to (start it with `make serve`): {exc}") from None
+    try:
+        store = config_store()
+    except ValueError:
+        raise ConfigError("Ray is running, but no serving application is (start it with `make serve`)") from None
+    current = Config.model_validate_json(ray.get(store.get.remote(0))[1])
+    if set(current.variants) != set(config.variants) or any(
+        current.variants[n].path != v.path for n, v in config.variants.items()
+    ):
+        raise ConfigError("the variants changed; that needs a restart of the stack, not an apply")
+    version = ray.get(store.put.remote(config.model_dump_json()))
+    print(f"applied {config_path} as config version {version}; routers pick it up within a second or two")
     return 0

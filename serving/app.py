@@ -1,0 +1,120 @@
+"""Builds the Ray Serve application from the config: one `LLMServer` deployment per variant, the
+router ingress in front, and the config store that routers follow. Nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import ray
+from ray import serve
+
+from serving.config import Config
+from serving.models import manifest
+from serving.router import RouterCore, create_app
+from serving.variants import RayVariant
+
+logger = logging.getLogger("serving.app")
+
+APP_NAME = "serving"
+NAMESPACE = "serving"
+STORE_NAME = "serving-config-store"
+KV_CACHE_GIB = "1"  # STACK.md quirk 9: the CPU default reserves far more than tiny models need
+RELOAD_INTERVAL_S = 1.0
+
+
+@ray.remote(num_cpus=0)
+class ConfigStore:
+    """Holds the applied config text and a version; routers poll it and swap configs in place.
+    Detached and named, so it outlives router restarts and `serving apply` can find it."""
+
+    def __init__(self, text: str) -> None:
+        self.version = 1
+        self.text = text
+
+    def get(self, known_version: int) -> tuple[int, str | None]:
+        return (self.version, None) if known_version == self.version else (self.version, self.text)
+
+    def put(self, text: str) -> int:
+        self.version += 1
+        self.text = text
+        return self.version
+
+
+def config_store(text: str | None = None) -> Any:
+    """The store actor, created with `text` if it does not exist yet."""
+    if text is None:
+        return ray.get_actor(STORE_NAME, namespace=NAMESPACE)
+    return ConfigStore.options(  # type: ignore[attr-defined]
+        name=STORE_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+    ).remote(text)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+@serve.ingress()
+class Router:
+    def __init__(self, config_json: str, handles: dict[str, Any], provenance: dict[str, Any]) -> None:
+        config = Config.model_validate_json(config_json)
+        self.core = RouterCore(config, {name: RayVariant(h) for name, h in handles.items()}, provenance)
+        self.store = config_store(config_json)
+        self.version = 0
+
+    async def follow_store(self) -> None:
+        while True:
+            try:
+                version, text = await self.store.get.remote(self.version)
+                if text is not None:
+                    self.core.apply(Config.model_validate_json(text))
+                    logger.info("config version %d applied", version)
+                self.version = version
+            except Exception:
+                logger.exception("could not refresh the config; keeping version %d", self.version)
+            await asyncio.sleep(RELOAD_INTERVAL_S)
+
+    async def start_following(self) -> None:
+        asyncio.get_running_loop().create_task(self.follow_store())
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return create_app(lambda: self.core, [self.start_following])
+
+
+def llm_config(model: str, name: str, path: str, max_model_len: int, *, gpu: bool) -> Any:
+    from ray.serve.llm import LLMConfig
+
+    return LLMConfig(
+        # Every variant serves the same model name, so engine answers carry the name clients asked for.
+        model_loading_config={"model_id": model, "model_source": path},
+        # Without a GPU, a CPU bundle makes Ray infer a CPU deployment; the default asks for a GPU
+        # and would wait for one forever (STACK.md quirk 4).
+        placement_group_config=None if gpu else {"bundles": [{"CPU": 1}]},
+        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GIB)}},
+        engine_kwargs={"max_model_len": max_model_len, "dtype": "float16", "enable_log_requests": False},
+        deployment_config={"num_replicas": 1, "name": f"variant-{name}"},
+    )
+
+
+def provenance_of(config: Config) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for name, variant in config.variants.items():
+        try:
+            found[name] = manifest.read_manifest(variant.path)
+        except manifest.ManifestError as exc:
+            logger.warning("variant %s has no recorded provenance: %s", name, exc)
+            found[name] = None
+    return found
+
+
+def build_app(config: Config, *, gpu: bool) -> Any:
+    """The application for `serve.run`; the config's variant paths must already be resolved."""
+    from ray.serve.llm import build_llm_deployment
+
+    handles = {
+        name: build_llm_deployment(
+            llm_config(config.model, name, str(v.path), v.max_model_len, gpu=gpu), name_prefix=""
+        )
+        for name, v in config.variants.items()
+    }
+    return Router.bind(config.model_dump_json(), handles, provenance_of(config))  # type: ignore[attr-defined]
