@@ -1,0 +1,256 @@
+"""The real stack: `serving serve` (Ray Serve, the router, three vLLM CPU engines) on the demo family,
+driven with the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from serving.config import hash_key
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+PORT = 18_321
+BASE = f"http://127.0.0.1:{PORT}"
+TIER_VARIANTS = {
+    "demo-premium": {"fp16"},
+    "demo-standard": {"fp16", "int8"},
+    "demo-batch": {"int8", "awq"},
+    "demo-admin": {"fp16", "int8"},
+}
+
+
+def write_config(path: Path, family: Path, *, standard_weight: float) -> None:
+    """The demo config (deploy/demo.yaml) pointed at the test's freshly built family, on a test port."""
+    text = (REPO / "deploy" / "demo.yaml").read_text()
+    text = text.replace("../models/demo", str(family)).replace("port: 8000", f"port: {PORT}")
+    text = text.replace("weight: 50.0                                    #", f"weight: {standard_weight} #", 1)
+    # One more key, premium and allowed to override, to show that overrides never reach a forbidden precision.
+    text = text.replace(
+        "\nlimits:",
+        f"\n  - {{sha256: {hash_key('test-premium-admin')}, tenant: t, tier: premium, may_override: true}}\n\nlimits:",
+    )
+    path.write_text(text)
+
+
+@dataclass(frozen=True)
+class Stack:
+    config: Path
+    family: Path
+
+
+@pytest.fixture(scope="module")
+def stack(demo_family: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    config = tmp_path_factory.mktemp("stack") / "config.yaml"
+    write_config(config, demo_family, standard_weight=50.0)
+    log = (config.parent / "serve.log").open("w")
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serving.cli", "serve", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                output = (config.parent / "serve.log").read_text()[-3000:]
+                pytest.fail(f"serving serve exited with {process.returncode}: {output}")
+            try:
+                if httpx.get(f"{BASE}/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        else:
+            pytest.fail("the stack was not ready within 10 minutes")
+        print(f"stack ready in {time.monotonic() - started:.0f} s")
+        yield Stack(config, demo_family)
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+
+
+def client(key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{BASE}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+@pytest.mark.parametrize("key", list(TIER_VARIANTS))
+def test_each_demo_key_chats_and_completes_streaming_and_not(stack: Stack, key: str) -> None:
+    api = client(key)
+    raw = api.chat.completions.with_raw_response.create(
+        model="demo-chat", messages=[{"role": "user", "content": "We the people"}], max_tokens=8, user="alice"
+    )
+    chat = raw.parse()
+    assert chat.model == "demo-chat"
+    assert chat.choices[0].message.content
+    assert raw.headers["x-served-variant"] in TIER_VARIANTS[key]
+
+    pieces = api.chat.completions.create(
+        model="demo-chat", messages=[{"role": "user", "content": "Hello"}], max_tokens=6, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+
+    completion = api.completions.create(
+        model="demo-chat",
+        prompt="When in the Course of human events",
+        max_tokens=6,
+        n=2,
+        temperature=0.8,
+        top_p=0.9,
+        seed=7,
+        stop=["\n"],
+        logprobs=2,
+        user="bob",
+    )
+    assert completion.model == "demo-chat"
+    assert len(completion.choices) == 2
+    assert completion.choices[0].logprobs is not None
+    assert completion.choices[0].logprobs.tokens
+
+    streamed = api.completions.create(model="demo-chat", prompt="Four score", max_tokens=6, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices)
+
+
+def test_models_lists_the_model_with_variant_provenance(stack: Stack) -> None:
+    listing = client("demo-premium").models.list()
+    assert [m.id for m in listing.data] == ["demo-chat"]
+    variants = listing.data[0].model_extra["variants"]  # type: ignore[index]
+    assert variants["awq"]["provenance"]["quantization"]["scheme"] == "W4A16_ASYM"
+
+
+def test_errors_are_openai_shaped_with_the_right_status(stack: Stack) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        client("not-a-key").chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.NotFoundError):
+        client("demo-batch").chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.PermissionDeniedError):
+        client("demo-batch").chat.completions.create(
+            model="demo-chat", messages=[{"role": "user", "content": "x"}], extra_headers={"x-variant": "fp16"}
+        )
+    with pytest.raises(openai.PermissionDeniedError, match="may not use awq"):
+        client("test-premium-admin").chat.completions.create(
+            model="demo-chat", messages=[{"role": "user", "content": "x"}], extra_headers={"x-variant": "awq"}
+        )
+    with pytest.raises(openai.BadRequestError, match="at most 4"):
+        client("demo-batch").chat.completions.create(
+            model="demo-chat", messages=[{"role": "user", "content": "x"}], n=9
+        )
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):  # the engine's own check
+        client("demo-batch").completions.create(model="demo-chat", prompt="word " * 3000, max_tokens=2)
+    malformed = httpx.post(
+        f"{BASE}/v1/chat/completions", content=b"{oops", headers={"authorization": "Bearer demo-batch"}
+    )
+    assert malformed.status_code == 400
+    assert malformed.json()["error"]["code"] == "invalid_json"
+    huge = httpx.post(
+        f"{BASE}/v1/completions", content=b"x" * 2_000_000, headers={"authorization": "Bearer demo-batch"}
+    )
+    assert huge.status_code == 413
+
+
+def test_admin_override_pins_the_variant(stack: Stack) -> None:
+    raw = client("demo-admin").chat.completions.with_raw_response.create(
+        model="demo-chat", messages=[{"role": "user", "content": "x"}], max_tokens=2, extra_headers={"x-variant": "awq"}
+    )
+    assert raw.headers["x-served-variant"] == "awq"
+
+
+def test_64_concurrent_requests_all_succeed(stack: Stack) -> None:
+    async def run() -> list[str]:
+        async def one(i: int) -> str:
+            api = openai.AsyncOpenAI(
+                base_url=f"{BASE}/v1", api_key=list(TIER_VARIANTS)[i % 4], max_retries=0, timeout=300
+            )
+            raw = await api.chat.completions.with_raw_response.create(
+                model="demo-chat", messages=[{"role": "user", "content": f"request {i}"}], max_tokens=8, user=f"u{i}"
+            )
+            return raw.headers["x-served-variant"]
+
+        return await asyncio.gather(*(one(i) for i in range(64)))
+
+    served = asyncio.run(run())
+    assert len(served) == 64
+    assert set(served) == {"fp16", "int8", "awq"}
+
+
+def standard_variants(users: range) -> set[str]:
+    api = client("demo-standard")
+    return {
+        api.chat.completions.with_raw_response.create(
+            model="demo-chat", messages=[{"role": "user", "content": "x"}], max_tokens=1, user=f"user-{i}"
+        ).headers["x-served-variant"]
+        for i in users
+    }
+
+
+def apply_weight(stack: Stack, weight: float) -> subprocess.CompletedProcess[str]:
+    """Edits the config file's standard-tier weight and applies it with the documented command."""
+    write_config(stack.config, stack.family, standard_weight=weight)
+    return subprocess.run(
+        [sys.executable, "-m", "serving.cli", "apply", str(stack.config)], capture_output=True, text=True, check=False
+    )
+
+
+def test_weights_change_under_load_with_zero_failed_requests(stack: Stack) -> None:
+    failures: list[str] = []
+    successes = 0
+
+    async def load(stop: asyncio.Event) -> None:
+        nonlocal successes
+        api = openai.AsyncOpenAI(base_url=f"{BASE}/v1", api_key="demo-standard", max_retries=0, timeout=300)
+
+        async def worker(w: int) -> None:
+            nonlocal successes
+            i = 0
+            while not stop.is_set():
+                try:
+                    await api.chat.completions.create(
+                        model="demo-chat", messages=[{"role": "user", "content": "x"}], max_tokens=4, user=f"w{w}-{i}"
+                    )
+                    successes += 1
+                except Exception as exc:  # any failure at all is what this test is about
+                    failures.append(repr(exc))
+                i += 1
+
+        await asyncio.gather(*(worker(w) for w in range(16)))
+
+    async def change_weights_under_load() -> None:
+        stop = asyncio.Event()
+        running = asyncio.create_task(load(stop))
+        for weight in (0.0, 100.0, 50.0):
+            await asyncio.sleep(2)
+            done = await asyncio.to_thread(apply_weight, stack, weight)
+            assert done.returncode == 0, done.stderr
+        await asyncio.sleep(2)
+        stop.set()
+        await running
+
+    asyncio.run(change_weights_under_load())
+    assert failures == []
+    assert successes > 50
+
+    # And the weights really took effect: 0 sends every user to the baseline, 100 to the candidate.
+    assert apply_weight(stack, 0.0).returncode == 0
+    time.sleep(3)
+    assert standard_variants(range(30)) == {"fp16"}
+    assert apply_weight(stack, 100.0).returncode == 0
+    time.sleep(3)
+    assert standard_variants(range(30)) == {"int8"}
