@@ -77,8 +77,18 @@ class Router:
     async def start_following(self) -> None:
         asyncio.get_running_loop().create_task(self.follow_store())
 
+    async def serve_metrics(self) -> None:
+        """Each router replica serves its own /metrics; Prometheus aggregates across replicas."""
+        from prometheus_client import start_http_server
+
+        where = self.core.config.observability
+        try:
+            start_http_server(where.metrics_port, addr=where.metrics_host, registry=self.core.metrics.registry)
+        except OSError as exc:
+            logger.warning("cannot serve metrics on %s:%d: %s", where.metrics_host, where.metrics_port, exc)
+
     def __serve_build_asgi_app__(self) -> Any:
-        return create_app(lambda: self.core, [self.start_following])
+        return create_app(lambda: self.core, [self.start_following, self.serve_metrics])
 
 
 def llm_config(model: str, name: str, path: str, max_model_len: int, *, gpu: bool) -> Any:

@@ -66,6 +66,17 @@ class LimitsConfig(Strict):
     max_prompt_chars: int = Field(32_000, ge=1)
 
 
+class ShadowingConfig(Strict):
+    max_concurrency: int = Field(4, ge=1, description="comparisons in flight per router; more are dropped")
+    noise_floor_rate: float = Field(0.1, ge=0.0, le=1.0, description="share of shadowed requests paired with itself")
+
+
+class ObservabilityConfig(Strict):
+    metrics_host: str = Field("127.0.0.1", description="where each router replica serves /metrics")
+    metrics_port: int = Field(8080, ge=1, le=65535)
+    otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces endpoint, e.g. http://host:4318/v1/traces")
+
+
 class ServerConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -77,6 +88,8 @@ class Config(Strict):
     tiers: dict[Name, TierConfig]
     keys: tuple[KeyConfig, ...]
     limits: LimitsConfig = LimitsConfig()
+    shadowing: ShadowingConfig = ShadowingConfig()
+    observability: ObservabilityConfig = ObservabilityConfig()
     server: ServerConfig = ServerConfig()
 
     @model_validator(mode="after")

@@ -10,21 +10,53 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from opentelemetry import trace
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from serving import routing
 from serving.auth import Principal, authenticate
 from serving.config import Config
 from serving.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, ServingError, Unavailable
+from serving.metrics import Metrics
+from serving.shadow import Shadower
+from serving.tracing import make_tracer, trace_id_hex
 from serving.variants import Kind, VariantClient
 
 logger = logging.getLogger("serving.router")
+
+
+@dataclass(frozen=True)
+class Answered:
+    """Who answered a response, kept so that feedback on it can be attributed."""
+
+    tenant: str
+    tier: str
+    variant: str
+
+
+class AnswerLog:
+    """The most recent response ids this replica served (bounded: the oldest are forgotten)."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self.capacity = capacity
+        self.entries: OrderedDict[str, Answered] = OrderedDict()
+
+    def remember(self, response_id: str, answered: Answered) -> None:
+        self.entries[response_id] = answered
+        if len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+
+    def find(self, response_id: str) -> Answered | None:
+        return self.entries.get(response_id)
 
 
 class RouterCore:
@@ -33,17 +65,36 @@ class RouterCore:
         config: Config,
         variants: Mapping[str, VariantClient],
         provenance: Mapping[str, dict[str, Any]] | None = None,
+        *,
+        registry: CollectorRegistry | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.config = config
         self.variants = dict(variants)
         self.provenance = dict(provenance or {})
-        self.overrides = 0
+        self.metrics = Metrics(registry or CollectorRegistry())
+        self.tracer = tracer or make_tracer(config.observability.otlp_endpoint)
+        self.shadower = Shadower(
+            self.variants,
+            self.metrics,
+            max_concurrency=config.shadowing.max_concurrency,
+            noise_floor_rate=config.shadowing.noise_floor_rate,
+        )
+        self.answers = AnswerLog()
+        self.publish_weights(config)
 
     def apply(self, config: Config) -> None:
         """Swaps in a new config. Variants cannot change without a redeploy; that is refused."""
         if set(config.variants) != set(self.config.variants):
             raise ValueError("the set of variants changed; that needs a redeploy, not a config apply")
         self.config = config
+        self.shadower.max_concurrency = config.shadowing.max_concurrency
+        self.shadower.noise_floor_rate = config.shadowing.noise_floor_rate
+        self.publish_weights(config)
+
+    def publish_weights(self, config: Config) -> None:
+        for name, tier in config.tiers.items():
+            self.metrics.canary_weight.labels(name, tier.candidate or "none").set(self.live_weight(config, name))
 
     def live_weight(self, config: Config, tier: str) -> float:
         return config.tiers[tier].weight
@@ -67,6 +118,12 @@ class RouterCore:
             )
 
     async def handle(self, kind: Kind, request: Request) -> Response:
+        with self.tracer.start_as_current_span(f"router {kind}") as span:
+            response = await self.handle_traced(kind, request, span)
+            response.headers["x-trace-id"] = trace_id_hex(span)
+            return response
+
+    async def handle_traced(self, kind: Kind, request: Request, span: trace.Span) -> Response:
         config = self.config  # one snapshot for the whole request
         principal = authenticate(config, request.headers.get("authorization"))
         body = await read_json_body(request, config.limits.max_body_bytes)
@@ -85,38 +142,156 @@ class RouterCore:
         if override is not None and not principal.may_override:
             raise Forbidden("this API key may not pin a variant (x-variant)", param="x-variant", code="override_denied")
         sticky = str(body.get("user") or request.headers.get("x-user-id") or principal.key_id)
-        decision = routing.decide(
-            principal.tier, tier, self.live_weight(config, principal.tier), sticky, config.variants, override
-        )
+        with self.tracer.start_as_current_span("route") as route_span:
+            decision = routing.decide(
+                principal.tier, tier, self.live_weight(config, principal.tier), sticky, config.variants, override
+            )
+            route_span.set_attributes({"tier": principal.tier, "variant": decision.variant, "reason": decision.reason})
+        span.set_attributes({"tenant": principal.tenant, "tier": principal.tier, "variant": decision.variant})
         if decision.reason == "override":
-            self.overrides += 1
+            self.metrics.overrides.labels(decision.variant, principal.tier, "routing").inc()
             logger.info(
                 "override: tenant %s pinned variant %s on tier %s", principal.tenant, decision.variant, principal.tier
             )
-        headers = {"x-served-variant": decision.variant}
-        return await self.call_variant(decision.variant, kind, parsed, headers, principal)
+        shadow = None
+        if tier.shadow is not None and parsed.n in (None, 1):
+            shadow = self.shadower.pick_target(decision.variant, tier.shadow.target, tier.shadow.rate)
+        call = Call(self, principal, decision.variant, kind, parsed, shadow)
+        with self.tracer.start_as_current_span("variant call") as call_span:
+            call_span.set_attribute("variant", decision.variant)
+            return await call.start()
 
-    async def call_variant(
-        self, variant: str, kind: Kind, parsed: Any, headers: dict[str, str], principal: Principal
-    ) -> Response:
-        started = time.monotonic()
+    async def feedback(self, request: Request) -> JSONResponse:
+        config = self.config
+        principal = authenticate(config, request.headers.get("authorization"))
+        body = await read_json_body(request, config.limits.max_body_bytes)
+        response_id, overridden = body.get("response_id"), body.get("overridden")
+        if not isinstance(response_id, str) or not response_id:
+            raise BadRequest("response_id must be the id of a response", param="response_id", code="invalid_parameter")
+        if not isinstance(overridden, bool):
+            raise BadRequest("overridden must be true or false", param="overridden", code="invalid_parameter")
+        label = body.get("label")
+        if label is not None and not isinstance(label, str):
+            raise BadRequest("label must be a string", param="label", code="invalid_parameter")
+        answered = self.answers.find(response_id)
+        if answered is None:
+            raise NotFound(f"no response {response_id!r} is known here", param="response_id", code="response_not_found")
+        if answered.tenant != principal.tenant:
+            raise Forbidden("that response was given to another tenant", param="response_id", code="other_tenant")
+        self.metrics.feedback.labels(answered.variant, answered.tier).inc()
+        if overridden:
+            self.metrics.overrides.labels(answered.variant, answered.tier, "feedback").inc()
+            logger.info(
+                "feedback: %s on %s (tier %s) overturned, label %r", response_id, answered.variant, answered.tier, label
+            )
+        return JSONResponse({"response_id": response_id, "variant": answered.variant, "recorded": True})
+
+
+class Call:
+    """One primary call: measured, remembered for feedback, and shadowed once its answer is complete."""
+
+    def __init__(
+        self,
+        core: RouterCore,
+        principal: Principal,
+        variant: str,
+        kind: Kind,
+        parsed: Any,
+        shadow: tuple[str, str] | None,
+    ) -> None:
+        self.core, self.principal, self.variant, self.kind, self.parsed = core, principal, variant, kind, parsed
+        self.shadow = shadow
+        self.labels = (variant, principal.tier, "primary")
+        self.started = time.monotonic()
+
+    async def start(self) -> Response:
+        metrics = self.core.metrics
+        headers = {"x-served-variant": self.variant}
         try:
-            stream = self.variants[variant].call(kind, parsed)
+            stream = self.core.variants[self.variant].call(self.kind, self.parsed)
             first = await anext(stream)
         except StopAsyncIteration:
-            raise Unavailable(f"variant {variant} returned nothing", code="empty_response") from None
-        except ServingError:
-            raise
+            self.count("error")
+            raise Unavailable(f"variant {self.variant} returned nothing", code="empty_response") from None
         except Exception as exc:
-            logger.warning("variant %s failed: %r", variant, exc)
-            raise Unavailable(f"variant {variant} is unavailable; retry shortly", code="variant_unavailable") from None
+            self.count("error")
+            logger.warning("variant %s failed: %r", self.variant, exc)
+            raise Unavailable(
+                f"variant {self.variant} is unavailable; retry shortly", code="variant_unavailable"
+            ) from None
         error = engine_error(first)
         if error is not None:
+            self.count("rejected")
             raise error
+        first_at = time.monotonic()
+        metrics.time_to_first_token.labels(*self.labels).observe(first_at - self.started)
         if hasattr(first, "model_dump"):  # a whole, non-streaming response
-            logger.debug("%s answered in %.3f s", variant, time.monotonic() - started)
+            self.finish(
+                first.id,
+                answer_text_of(self.kind, first),
+                first.usage.completion_tokens,
+                first.usage.prompt_tokens,
+                first_at,
+            )
             return JSONResponse(first.model_dump(mode="json", exclude_none=True), headers=headers)
-        return StreamingResponse(sse(first, stream), media_type="text/event-stream", headers=headers)
+        return StreamingResponse(self.relay(first, stream, first_at), media_type="text/event-stream", headers=headers)
+
+    async def relay(self, first: Any, rest: AsyncIterator[Any], first_at: float) -> AsyncIterator[str]:
+        text: list[str] = []
+        response_id = ""
+        chunks = 0
+        async for packet in sse(first, rest):
+            for data in packet.split("\n\n"):
+                chunk = parse_chunk(data)
+                if chunk is None:
+                    continue
+                response_id = response_id or str(chunk.get("id", ""))
+                for choice in chunk.get("choices") or []:
+                    piece = (choice.get("delta") or {}).get("content") if self.kind == "chat" else choice.get("text")
+                    if piece:
+                        text.append(piece)
+                        chunks += 1
+            yield packet
+        self.finish(response_id, "".join(text), chunks, None, first_at)
+
+    def finish(
+        self, response_id: str, text: str, completion_tokens: int | None, prompt_tokens: int | None, first_at: float
+    ) -> None:
+        metrics, now = self.core.metrics, time.monotonic()
+        metrics.request_duration.labels(*self.labels).observe(now - self.started)
+        if completion_tokens and completion_tokens > 1 and now > first_at:
+            metrics.time_per_output_token.labels(*self.labels).observe((now - first_at) / (completion_tokens - 1))
+        if completion_tokens:
+            metrics.tokens.labels(self.variant, self.principal.tier, "out").inc(completion_tokens)
+        if prompt_tokens:
+            metrics.tokens.labels(self.variant, self.principal.tier, "in").inc(prompt_tokens)
+        self.count("ok")
+        if response_id:
+            self.core.answers.remember(response_id, Answered(self.principal.tenant, self.principal.tier, self.variant))
+        if self.shadow is not None:
+            target, pair_kind = self.shadow
+            self.core.shadower.submit(
+                self.principal.tier, self.variant, target, pair_kind, self.kind, self.parsed, text
+            )
+
+    def count(self, outcome: str) -> None:
+        self.core.metrics.requests.labels(*self.labels, outcome).inc()
+
+
+def answer_text_of(kind: Kind, response: Any) -> str:
+    choice = response.choices[0]
+    return str((choice.message.content if kind == "chat" else choice.text) or "")
+
+
+def parse_chunk(data: str) -> dict[str, Any] | None:
+    payload = data.strip().removeprefix("data:").strip()
+    if not payload or payload == "[DONE]":
+        return None
+    try:
+        chunk = json.loads(payload)
+    except json.JSONDecodeError:
+        return None
+    return chunk if isinstance(chunk, dict) else None
 
 
 def prompt_chars(kind: Kind, body: dict[str, Any]) -> int:
@@ -222,6 +397,10 @@ def create_app(core_of: Callable[[], RouterCore], startup: list[Hook] | None = N
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await core_of().handle("completions", request)
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> JSONResponse:
+        return await core_of().feedback(request)
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:

@@ -41,14 +41,29 @@ class RayVariant:
 
 
 class FakeVariant:
-    """Deterministic, in-process stand-in for an engine, for fast router tests: it answers with the
-    vLLM response types, echoing its own name, or fails the way it is told to."""
+    """Deterministic, in-process stand-in for an engine, for fast router tests. Words are its tokens:
+    it answers "answer from <name>", reports usage, and teacher-forces text (`prompt_logprobs`) with
+    log-probabilities that depend on its name, so two fakes of different names disagree and drift,
+    and a fake compared with itself does neither. It can also fail the way it is told to."""
 
-    def __init__(self, name: str, *, fail: Exception | None = None, error_status: int | None = None) -> None:
+    def __init__(
+        self, name: str, *, fail: Exception | None = None, error_status: int | None = None, delay_s: float = 0.0
+    ) -> None:
         self.name = name
         self.fail = fail
         self.error_status = error_status
+        self.delay_s = delay_s
         self.requests: list[Any] = []
+
+    @staticmethod
+    def words(kind: Kind, request: Any) -> list[str]:
+        if kind == "chat":
+            return " ".join(str(m["content"] if isinstance(m, dict) else m.content) for m in request.messages).split()
+        return str(request.prompt).split()
+
+    @staticmethod
+    def token(word: str) -> int:
+        return sum(word.encode()) % 1000
 
     async def call(self, kind: Kind, request: Any) -> AsyncIterator[Any]:
         from ray.llm._internal.serve.core.configs.openai_api_models import (
@@ -59,6 +74,10 @@ class FakeVariant:
         )
 
         self.requests.append(request)
+        if self.delay_s:
+            import asyncio
+
+            await asyncio.sleep(self.delay_s)
         if self.fail is not None:
             raise self.fail
         if self.error_status is not None:
@@ -66,27 +85,30 @@ class FakeVariant:
             yield ErrorResponse(error=info)
             return
         text = f"answer from {self.name}"
-        usage = {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}
+        prompt = self.words(kind, request)
+        usage = {"prompt_tokens": len(prompt), "completion_tokens": 3, "total_tokens": len(prompt) + 3}
         if getattr(request, "stream", False):
             for piece in text.split(" "):
                 chunk = {
-                    "id": "fake",
+                    "id": f"fake-{len(self.requests)}",
                     "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
                     "model": request.model,
                     "choices": [{"index": 0, "delta": {"content": piece + " "}, "text": piece + " "}],
                 }
                 yield [f"data: {json.dumps(chunk)}\n\n"]
             return
+        extra: dict[str, Any] = {"id": f"fake-{self.name}-{len(self.requests)}", "model": request.model, "usage": usage}
+        if getattr(request, "prompt_logprobs", None) is not None:
+            ids = [self.token(w) for w in prompt]
+            extra["prompt_token_ids"] = ids
+            extra["prompt_logprobs"] = [None] + [
+                {i: {"logprob": -((i + sum(self.name.encode())) % 13) / 4}} for i in ids[1:]
+            ]
         if kind == "chat":
-            yield ChatCompletionResponse(
-                model=request.model,
-                choices=[{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                usage=usage,
-            )
+            message = {"role": "assistant", "content": text}
+            yield ChatCompletionResponse(choices=[{"index": 0, "message": message, "finish_reason": "stop"}], **extra)
         else:
-            yield CompletionResponse(
-                model=request.model, choices=[{"index": 0, "text": text, "finish_reason": "stop"}], usage=usage
-            )
+            yield CompletionResponse(choices=[{"index": 0, "text": text, "finish_reason": "stop"}], **extra)
 
     async def healthy(self) -> bool:
         return self.fail is None

@@ -60,14 +60,11 @@ def probe(folder: Path) -> dict[str, Any]:
 
 def token_agreement(reference: list[list[int]], candidate: list[list[int]]) -> float:
     """Mean over prompts of the share of positions where the two greedy continuations agree."""
+    from serving.compare import token_agreement as pair_agreement
+
     if len(reference) != len(candidate) or not reference:
         raise ValueError("token agreement needs two non-empty reports over the same prompts")
-    shares = []
-    for ref, cand in zip(reference, candidate, strict=True):
-        length = max(len(ref), len(cand))
-        same = sum(1 for a, b in zip(ref, cand, strict=False) if a == b)
-        shares.append(same / length if length else 1.0)
-    return sum(shares) / len(shares)
+    return sum(pair_agreement(r, c) for r, c in zip(reference, candidate, strict=True)) / len(reference)
 
 
 def run_probe(folder: Path, python: str = sys.executable) -> dict[str, Any]:

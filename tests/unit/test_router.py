@@ -69,7 +69,10 @@ async def test_override_needs_permission_and_is_counted(client: httpx.AsyncClien
     pinned = await client.post("/v1/chat/completions", json=CHAT, headers=key("demo-admin", **{"x-variant": "awq"}))
     assert pinned.status_code == 200
     assert pinned.headers["x-served-variant"] == "awq"
-    assert core.overrides == 1
+    overrides = core.metrics.registry.get_sample_value(
+        "serving_overrides_total", {"variant": "awq", "tier": "standard", "kind": "routing"}
+    )
+    assert overrides == 1
 
 
 @pytest.mark.parametrize(

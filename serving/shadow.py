@@ -1,0 +1,163 @@
+"""Off-path mirroring: after the primary has answered, a sampled request is replayed to the shadow
+target and the pair is compared, without the user's answer waiting for any of it.
+
+Concurrency is bounded: when `max_concurrency` comparisons are in flight, a new one is dropped and
+counted (reason `saturated`), never queued. A comparison that fails is counted too (reason `failed`).
+
+Per pair, four off-path engine calls (all `max_tokens` 1 except the first):
+1. the shadow answers the same request (greedy settings as sent, non-streaming, n=1);
+2. and 3. the primary's answer is teacher-forced through the primary and the shadow
+   (`prompt_logprobs`), giving its tokens and each variant's log-probability of each token;
+4. the shadow's answer is tokenized the same way, so token agreement compares like with like.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Mapping
+from typing import Any
+
+from serving import compare
+from serving.metrics import Metrics
+from serving.variants import Kind, VariantClient
+
+logger = logging.getLogger("serving.shadow")
+
+
+class Shadower:
+    def __init__(
+        self,
+        variants: Mapping[str, VariantClient],
+        metrics: Metrics,
+        *,
+        max_concurrency: int = 4,
+        noise_floor_rate: float = 0.1,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.variants = variants
+        self.metrics = metrics
+        self.max_concurrency = max_concurrency
+        self.noise_floor_rate = noise_floor_rate
+        self.rng = rng or random.Random()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def pick_target(self, primary: str, target: str, rate: float) -> tuple[str, str] | None:
+        """Whether to shadow this request, and against what: (target, kind). A share of the sampled
+        requests is paired with the primary variant itself, to measure the noise floor."""
+        if rate <= 0 or self.rng.random() >= rate:
+            return None
+        if self.rng.random() < self.noise_floor_rate:
+            return primary, "noise_floor"
+        if target == primary:
+            return None  # the baseline shadowed to itself is only noise floor
+        return target, "candidate"
+
+    def submit(
+        self, tier: str, primary: str, target: str, kind_of_pair: str, kind: Kind, request: Any, primary_text: str
+    ) -> bool:
+        if len(self.tasks) >= self.max_concurrency:
+            self.metrics.shadow_dropped.labels(tier, "saturated").inc()
+            return False
+        task = asyncio.get_running_loop().create_task(
+            self.run(tier, primary, target, kind_of_pair, kind, request, primary_text)
+        )
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return True
+
+    async def run(
+        self, tier: str, primary: str, target: str, kind_of_pair: str, kind: Kind, request: Any, primary_text: str
+    ) -> None:
+        labels = (tier, primary, target, kind_of_pair)
+        try:
+            result = await self.compare_pair(kind, request, primary, target, primary_text)
+        except Exception as exc:
+            logger.warning("shadow comparison %s vs %s failed: %r", primary, target, exc)
+            self.metrics.shadow_dropped.labels(tier, "failed").inc()
+            return
+        self.metrics.shadow_comparisons.labels(*labels).inc()
+        if result.disagree:
+            self.metrics.shadow_disagreements.labels(*labels).inc()
+        self.metrics.token_agreement.labels(*labels).observe(result.token_agreement)
+        if result.score_drift is not None:
+            self.metrics.score_drift.labels(*labels).observe(result.score_drift)
+
+    async def compare_pair(
+        self, kind: Kind, request: Any, primary: str, target: str, primary_text: str
+    ) -> compare.Comparison:
+        shadow_answer = await self.answer(target, kind, replay(request))
+        shadow_text = answer_text(kind, shadow_answer)
+        prompt_len = int(shadow_answer.usage.prompt_tokens)
+        primary_ids, primary_lps = await self.score(primary, kind, request, primary_text, prompt_len)
+        _, shadow_lps = await self.score(target, kind, request, primary_text, prompt_len)
+        shadow_ids, _ = await self.score(target, kind, request, shadow_text, prompt_len)
+        return compare.compare(primary_text, shadow_text, primary_ids, shadow_ids, primary_lps, shadow_lps)
+
+    async def answer(self, variant: str, kind: Kind, request: Any) -> Any:
+        started = asyncio.get_running_loop().time()
+        async for item in self.variants[variant].call(kind, request):
+            self.metrics.request_duration.labels(variant, "-", "shadow").observe(
+                asyncio.get_running_loop().time() - started
+            )
+            if getattr(item, "error", None) is not None and not hasattr(item, "choices"):
+                raise RuntimeError(f"the shadow engine refused: {item.error.message}")
+            return item
+        raise RuntimeError("the shadow engine returned nothing")
+
+    async def score(
+        self, variant: str, kind: Kind, request: Any, text: str, prompt_len: int
+    ) -> tuple[list[int], list[float]]:
+        """Teacher-forces `text` after the request's prompt; returns its token ids and log-probs."""
+        scored = await self.answer(variant, kind, scoring_request(kind, request, text))
+        ids = list(scored.prompt_token_ids or [])[prompt_len:]
+        positions = list(scored.prompt_logprobs or [])[prompt_len:]
+        return ids, [logprob_of(token, position) for token, position in zip(ids, positions, strict=False)]
+
+
+def logprob_of(token: int, position: Any) -> float:
+    """The log-probability vLLM reported for `token` at one prompt position (an object or a dict)."""
+    entry = (position or {}).get(token)
+    if entry is None:
+        raise ValueError(f"no log-probability reported for token {token}")
+    value = entry["logprob"] if isinstance(entry, dict) else entry.logprob
+    return float(value)
+
+
+def replay(request: Any) -> Any:
+    return request.model_copy(update={"stream": False, "n": 1, "stream_options": None})
+
+
+def scoring_request(kind: Kind, request: Any, text: str) -> Any:
+    common = {
+        "stream": False,
+        "n": 1,
+        "max_tokens": 1,
+        "prompt_logprobs": 0,
+        "return_token_ids": True,
+        "stream_options": None,
+        "temperature": 0.0,
+        "logprobs": None,
+    }
+    if kind == "chat":
+        messages = [*request.messages, {"role": "assistant", "content": text}]
+        return request.model_copy(
+            update={
+                **common,
+                "messages": messages,
+                "add_generation_prompt": False,
+                "continue_final_message": True,
+                "max_completion_tokens": None,
+                "top_logprobs": None,
+                "logprobs": False,
+            }
+        )
+    if not isinstance(request.prompt, str):
+        raise ValueError("only a single text prompt can be teacher-forced")
+    return request.model_copy(update={**common, "prompt": request.prompt + text, "echo": False})
+
+
+def answer_text(kind: Kind, response: Any) -> str:
+    choice = response.choices[0]
+    return str((choice.message.content if kind == "chat" else choice.text) or "")

@@ -1,0 +1,188 @@
+"""Shadowing, comparison metrics, feedback and traces through the router, over fake variants."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import httpx
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from serving.config import load_config
+from serving.router import RouterCore, create_app
+from serving.tracing import make_tracer
+from serving.variants import FakeVariant
+
+REPO = Path(__file__).resolve().parents[2]
+CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4}
+
+
+def make_core(
+    *,
+    shadow_rate: float,
+    noise_floor_rate: float = 0.0,
+    delay_s: float = 0.0,
+    max_concurrency: int = 4,
+    spans: InMemorySpanExporter | None = None,
+) -> RouterCore:
+    config = load_config(REPO / "deploy" / "demo.yaml")
+    tiers = dict(config.tiers)
+    shadow = tiers["batch"].shadow
+    assert shadow is not None
+    tiers["batch"] = tiers["batch"].model_copy(update={"shadow": shadow.model_copy(update={"rate": shadow_rate})})
+    config = config.model_copy(
+        update={
+            "tiers": tiers,
+            "shadowing": config.shadowing.model_copy(
+                update={"noise_floor_rate": noise_floor_rate, "max_concurrency": max_concurrency}
+            ),
+        }
+    )
+    variants = {name: FakeVariant(name, delay_s=delay_s if name == "fp16" else 0.0) for name in config.variants}
+    core = RouterCore(config, variants, tracer=make_tracer(exporter=spans) if spans else None)
+    core.shadower.rng = random.Random(7)
+    return core
+
+
+def client_for(core: RouterCore) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(lambda: core)), base_url="http://r")
+
+
+def sample(core: RouterCore, name: str, **labels: str) -> float:
+    return core.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def settle(core: RouterCore) -> None:
+    while core.shadower.tasks:
+        await asyncio.gather(*core.shadower.tasks)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_shadowed_pairs_are_compared_and_counted(stream: bool) -> None:
+    core = make_core(shadow_rate=1.0, max_concurrency=16)
+    async with client_for(core) as client:
+        for i in range(6):
+            answer = await client.post(
+                "/v1/chat/completions",
+                json={**CHAT, "user": f"u{i}", "stream": stream},
+                headers={"authorization": "Bearer demo-batch"},
+            )
+            assert answer.status_code == 200
+    await settle(core)
+    total = sum(
+        sample(core, "serving_shadow_comparisons_total", tier="batch", primary=p, shadow="fp16", kind="candidate")
+        for p in ("int8", "awq")
+    )
+    assert total == 6
+    disagreements = sum(
+        sample(core, "serving_shadow_disagreements_total", tier="batch", primary=p, shadow="fp16", kind="candidate")
+        for p in ("int8", "awq")
+    )
+    assert disagreements == 6  # "answer from int8/awq" never equals "answer from fp16"
+    drift = sum(
+        sample(core, "serving_score_drift_sum", tier="batch", primary=p, shadow="fp16", kind="candidate")
+        for p in ("int8", "awq")
+    )
+    assert drift > 0
+
+
+async def test_noise_floor_pairs_a_variant_with_itself_and_agrees() -> None:
+    core = make_core(shadow_rate=1.0, noise_floor_rate=1.0)
+    async with client_for(core) as client:
+        for i in range(4):
+            await client.post(
+                "/v1/chat/completions", json={**CHAT, "user": f"u{i}"}, headers={"authorization": "Bearer demo-batch"}
+            )
+    await settle(core)
+    pairs = {
+        p: sample(core, "serving_shadow_comparisons_total", tier="batch", primary=p, shadow=p, kind="noise_floor")
+        for p in ("int8", "awq")
+    }
+    assert sum(pairs.values()) == 4
+    for p in ("int8", "awq"):
+        assert (
+            sample(core, "serving_shadow_disagreements_total", tier="batch", primary=p, shadow=p, kind="noise_floor")
+            == 0
+        )
+        assert sample(core, "serving_score_drift_sum", tier="batch", primary=p, shadow=p, kind="noise_floor") == 0
+
+
+async def test_the_answer_does_not_wait_for_the_shadow_and_overflow_is_dropped() -> None:
+    # fp16 (the shadow target) takes 0.5 s per call; the primary answers at once.
+    core = make_core(shadow_rate=1.0, delay_s=0.5, max_concurrency=2)
+    async with client_for(core) as client:
+        started = asyncio.get_running_loop().time()
+        for i in range(5):
+            answer = await client.post(
+                "/v1/chat/completions", json={**CHAT, "user": f"u{i}"}, headers={"authorization": "Bearer demo-batch"}
+            )
+            assert answer.headers["x-served-variant"] in {"int8", "awq"}
+        elapsed = asyncio.get_running_loop().time() - started
+    assert elapsed < 0.5  # five answers before a single shadow call could have finished
+    assert sample(core, "serving_shadow_dropped_total", tier="batch", reason="saturated") == 3
+    await settle(core)
+    assert (
+        sum(
+            sample(core, "serving_shadow_comparisons_total", tier="batch", primary=p, shadow="fp16", kind="candidate")
+            for p in ("int8", "awq")
+        )
+        == 2
+    )
+
+
+async def test_feedback_counts_overrides_for_the_variant_that_answered() -> None:
+    core = make_core(shadow_rate=0.0)
+    async with client_for(core) as client:
+        answer = await client.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer demo-premium"})
+        response_id = answer.json()["id"]
+        ok = await client.post(
+            "/v1/feedback",
+            json={"response_id": response_id, "overridden": True, "label": "wrong"},
+            headers={"authorization": "Bearer demo-premium"},
+        )
+        assert ok.status_code == 200
+        assert ok.json()["variant"] == "fp16"
+        unknown = await client.post(
+            "/v1/feedback",
+            json={"response_id": "nope", "overridden": True},
+            headers={"authorization": "Bearer demo-premium"},
+        )
+        assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "response_not_found")
+        bad = await client.post(
+            "/v1/feedback",
+            json={"response_id": response_id, "overridden": "yes"},
+            headers={"authorization": "Bearer demo-premium"},
+        )
+        assert bad.status_code == 400
+        anonymous = await client.post("/v1/feedback", json={"response_id": response_id, "overridden": True})
+        assert anonymous.status_code == 401
+    assert sample(core, "serving_overrides_total", variant="fp16", tier="premium", kind="feedback") == 1
+    assert sample(core, "serving_feedback_total", variant="fp16", tier="premium") == 1
+
+
+async def test_requests_latency_tokens_and_weights_are_recorded() -> None:
+    core = make_core(shadow_rate=0.0)
+    async with client_for(core) as client:
+        await client.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer demo-premium"})
+    labels = {"variant": "fp16", "tier": "premium", "role": "primary"}
+    assert sample(core, "serving_requests_total", **labels, outcome="ok") == 1
+    assert sample(core, "serving_request_duration_seconds_count", **labels) == 1
+    assert sample(core, "serving_time_to_first_token_seconds_count", **labels) == 1
+    assert sample(core, "serving_tokens_total", variant="fp16", tier="premium", direction="out") == 3
+    assert sample(core, "serving_canary_weight_percent", tier="batch", candidate="awq") == 50.0
+
+
+async def test_each_request_is_a_trace_with_routing_and_call_spans() -> None:
+    spans = InMemorySpanExporter()
+    core = make_core(shadow_rate=0.0, spans=spans)
+    async with client_for(core) as client:
+        answer = await client.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer demo-batch"})
+    finished = {s.name: s for s in spans.get_finished_spans()}
+    assert set(finished) >= {"router chat", "route", "variant call"}
+    root = finished["router chat"]
+    assert format(root.context.trace_id, "032x") == answer.headers["x-trace-id"]
+    assert finished["route"].parent is not None
+    assert finished["route"].parent.span_id == root.context.span_id
+    assert dict(finished["route"].attributes or {})["variant"] == answer.headers["x-served-variant"]
