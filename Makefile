@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 MODELS ?= models/demo
 
-.PHONY: install install-quant models serve test lint clean
+.PHONY: install install-quant models serve test test-tools lint clean
 
 install:  ## the serving environment (.venv): vLLM CPU build, Ray Serve, this package
 	@scripts/install.sh serving
@@ -16,8 +16,11 @@ models: install install-quant  ## build the demo model family if it is missing o
 serve: models  ## serve the demo stack at http://127.0.0.1:8000/v1 until Ctrl-C
 	@.venv/bin/serving serve --config deploy/demo.yaml
 
-test: install install-quant  ## lint, type checks and the whole test suite
+test: install install-quant test-tools  ## lint, type checks and the whole test suite
 	@scripts/test.sh
+
+test-tools:  ## the real Prometheus server and promtool that the observability tests use
+	@scripts/install-test-tools.sh
 
 lint: install
 	@.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy

@@ -55,6 +55,7 @@ def serve(config_path: Path) -> int:
         print(
             f"serving {config.model!r} at {base}/v1 (variants: {', '.join(config.variants)}); "
             f"ready in {time.monotonic() - started:.0f} s.\n"
+            f"metrics: http://{config.observability.metrics_host}:{config.observability.metrics_port}/metrics\n"
             f"change weights: edit {config_path} and run `.venv/bin/serving apply {config_path}`. "
             "Ctrl-C stops.",
             flush=True,

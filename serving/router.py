@@ -95,6 +95,8 @@ class RouterCore:
     def publish_weights(self, config: Config) -> None:
         for name, tier in config.tiers.items():
             self.metrics.canary_weight.labels(name, tier.candidate or "none").set(self.live_weight(config, name))
+            for reason in ("saturated", "failed"):  # a zero is data; an absent series is not
+                self.metrics.shadow_dropped.labels(name, reason).inc(0)
 
     def live_weight(self, config: Config, tier: str) -> float:
         return config.tiers[tier].weight

@@ -111,8 +111,10 @@ class Shadower:
     ) -> tuple[list[int], list[float]]:
         """Teacher-forces `text` after the request's prompt; returns its token ids and log-probs."""
         scored = await self.answer(variant, kind, scoring_request(kind, request, text))
-        ids = list(scored.prompt_token_ids or [])[prompt_len:]
-        positions = list(scored.prompt_logprobs or [])[prompt_len:]
+        # Chat responses carry the prompt's tokens on the response, completions on the choice.
+        holder = scored if kind == "chat" else scored.choices[0]
+        ids = list(holder.prompt_token_ids or [])[prompt_len:]
+        positions = list(holder.prompt_logprobs or [])[prompt_len:]
         return ids, [logprob_of(token, position) for token, position in zip(ids, positions, strict=False)]
 
 

@@ -107,8 +107,10 @@ class FakeVariant:
         if kind == "chat":
             message = {"role": "assistant", "content": text}
             yield ChatCompletionResponse(choices=[{"index": 0, "message": message, "finish_reason": "stop"}], **extra)
-        else:
-            yield CompletionResponse(choices=[{"index": 0, "text": text, "finish_reason": "stop"}], **extra)
+        else:  # completions carry the prompt's tokens and log-probs on the choice, as vLLM's do
+            scored: dict[str, Any] = {k: extra.pop(k) for k in ("prompt_token_ids", "prompt_logprobs") if k in extra}
+            choice: dict[str, Any] = {"index": 0, "text": text, "finish_reason": "stop", **scored}
+            yield CompletionResponse(choices=[choice], **extra)
 
     async def healthy(self) -> bool:
         return self.fail is None

@@ -4,88 +4,21 @@ driven with the official openai client."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from serving.config import hash_key
+from tests.integration.conftest import BASE, Stack, apply_config
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-PORT = 18_321
-BASE = f"http://127.0.0.1:{PORT}"
 TIER_VARIANTS = {
     "demo-premium": {"fp16"},
     "demo-standard": {"fp16", "int8"},
     "demo-batch": {"int8", "awq"},
     "demo-admin": {"fp16", "int8"},
 }
-
-
-def write_config(path: Path, family: Path, *, standard_weight: float) -> None:
-    """The demo config (deploy/demo.yaml) pointed at the test's freshly built family, on a test port."""
-    text = (REPO / "deploy" / "demo.yaml").read_text()
-    text = text.replace("../models/demo", str(family)).replace("port: 8000", f"port: {PORT}")
-    text = text.replace("weight: 50.0                                    #", f"weight: {standard_weight} #", 1)
-    # One more key, premium and allowed to override, to show that overrides never reach a forbidden precision.
-    text = text.replace(
-        "\nlimits:",
-        f"\n  - {{sha256: {hash_key('test-premium-admin')}, tenant: t, tier: premium, may_override: true}}\n\nlimits:",
-    )
-    path.write_text(text)
-
-
-@dataclass(frozen=True)
-class Stack:
-    config: Path
-    family: Path
-
-
-@pytest.fixture(scope="module")
-def stack(demo_family: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    config = tmp_path_factory.mktemp("stack") / "config.yaml"
-    write_config(config, demo_family, standard_weight=50.0)
-    log = (config.parent / "serve.log").open("w")
-    started = time.monotonic()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "serving.cli", "serve", "--config", str(config)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                output = (config.parent / "serve.log").read_text()[-3000:]
-                pytest.fail(f"serving serve exited with {process.returncode}: {output}")
-            try:
-                if httpx.get(f"{BASE}/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-        else:
-            pytest.fail("the stack was not ready within 10 minutes")
-        print(f"stack ready in {time.monotonic() - started:.0f} s")
-        yield Stack(config, demo_family)
-    finally:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-        log.close()
 
 
 def client(key: str) -> openai.OpenAI:
@@ -201,14 +134,6 @@ def standard_variants(users: range) -> set[str]:
     }
 
 
-def apply_weight(stack: Stack, weight: float) -> subprocess.CompletedProcess[str]:
-    """Edits the config file's standard-tier weight and applies it with the documented command."""
-    write_config(stack.config, stack.family, standard_weight=weight)
-    return subprocess.run(
-        [sys.executable, "-m", "serving.cli", "apply", str(stack.config)], capture_output=True, text=True, check=False
-    )
-
-
 def test_weights_change_under_load_with_zero_failed_requests(stack: Stack) -> None:
     failures: list[str] = []
     successes = 0
@@ -237,7 +162,7 @@ def test_weights_change_under_load_with_zero_failed_requests(stack: Stack) -> No
         running = asyncio.create_task(load(stop))
         for weight in (0.0, 100.0, 50.0):
             await asyncio.sleep(2)
-            done = await asyncio.to_thread(apply_weight, stack, weight)
+            done = await asyncio.to_thread(apply_config, stack, standard_weight=weight)
             assert done.returncode == 0, done.stderr
         await asyncio.sleep(2)
         stop.set()
@@ -248,9 +173,7 @@ def test_weights_change_under_load_with_zero_failed_requests(stack: Stack) -> No
     assert successes > 50
 
     # And the weights really took effect: 0 sends every user to the baseline, 100 to the candidate.
-    assert apply_weight(stack, 0.0).returncode == 0
-    time.sleep(3)
+    assert apply_config(stack, standard_weight=0.0).returncode == 0
     assert standard_variants(range(30)) == {"fp16"}
-    assert apply_weight(stack, 100.0).returncode == 0
-    time.sleep(3)
+    assert apply_config(stack, standard_weight=100.0).returncode == 0
     assert standard_variants(range(30)) == {"int8"}

@@ -186,3 +186,22 @@ async def test_each_request_is_a_trace_with_routing_and_call_spans() -> None:
     assert finished["route"].parent is not None
     assert finished["route"].parent.span_id == root.context.span_id
     assert dict(finished["route"].attributes or {})["variant"] == answer.headers["x-served-variant"]
+
+
+async def test_completions_are_shadowed_too() -> None:
+    core = make_core(shadow_rate=1.0, max_concurrency=16)
+    async with client_for(core) as client:
+        for i in range(3):
+            body = {"model": "demo-chat", "prompt": "We the people", "max_tokens": 4, "user": f"c{i}"}
+            assert (
+                await client.post("/v1/completions", json=body, headers={"authorization": "Bearer demo-batch"})
+            ).status_code == 200
+    await settle(core)
+    assert sample(core, "serving_shadow_dropped_total", tier="batch", reason="failed") == 0
+    assert (
+        sum(
+            sample(core, "serving_shadow_comparisons_total", tier="batch", primary=p, shadow="fp16", kind="candidate")
+            for p in ("int8", "awq")
+        )
+        == 3
+    )

@@ -1,0 +1,115 @@
+"""A real Prometheus server (Debian's package) scrapes the running stack; every metric of the
+metrics contract must be there, with data."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import BASE, METRICS_PORT, Stack, apply_config
+
+pytestmark = pytest.mark.integration
+
+PROMETHEUS_PORT = 18_390
+CONTRACT = [
+    "serving_request_duration_seconds_bucket",
+    "serving_time_to_first_token_seconds_bucket",
+    "serving_time_per_output_token_seconds_bucket",
+    "serving_requests_total",
+    "serving_tokens_total",
+    "serving_shadow_comparisons_total",
+    "serving_shadow_disagreements_total",
+    "serving_token_agreement_ratio_bucket",
+    "serving_score_drift_bucket",
+    "serving_overrides_total",
+    "serving_feedback_total",
+    "serving_shadow_dropped_total",
+    "serving_canary_weight_percent",
+]
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus is not installed; `make test` installs it (scripts/install-test-tools.sh)"
+    folder = tmp_path_factory.mktemp("prometheus")
+    config = folder / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: serving\n    static_configs: [{{targets: ['127.0.0.1:{METRICS_PORT}']}}]\n"
+    )
+    log = (folder / "prometheus.log").open("w")
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={folder / 'data'}",
+            f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{PROMETHEUS_PORT}"
+    try:
+        for _ in range(60):
+            try:
+                if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail(f"prometheus did not start: {Path(log.name).read_text()[-2000:]}")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+def query(url: str, promql: str) -> list[dict[str, object]]:
+    answer = httpx.get(f"{url}/api/v1/query", params={"query": promql}, timeout=10).json()
+    assert answer["status"] == "success", answer
+    result: list[dict[str, object]] = answer["data"]["result"]
+    return result
+
+
+def test_prometheus_scrapes_every_metric_of_the_contract(stack: Stack, prometheus: str) -> None:
+    assert apply_config(stack, shadow_rate=1.0).returncode == 0
+    batch = openai.OpenAI(base_url=f"{BASE}/v1", api_key="demo-batch", max_retries=0, timeout=120)
+    for i in range(8):
+        batch.chat.completions.create(
+            model="demo-chat", messages=[{"role": "user", "content": f"Prometheus {i}"}], max_tokens=8, user=f"p{i}"
+        )
+    admin = openai.OpenAI(base_url=f"{BASE}/v1", api_key="demo-admin", max_retries=0, timeout=120)
+    pinned = admin.chat.completions.create(
+        model="demo-chat",
+        messages=[{"role": "user", "content": "pinned"}],
+        max_tokens=4,
+        extra_headers={"x-variant": "awq"},
+    )
+    httpx.post(
+        f"{BASE}/v1/feedback",
+        json={"response_id": pinned.id, "overridden": True},
+        headers={"authorization": "Bearer demo-admin"},
+    ).raise_for_status()
+
+    missing = CONTRACT
+    deadline = time.monotonic() + 90
+    while missing and time.monotonic() < deadline:
+        time.sleep(2)
+        missing = [name for name in CONTRACT if not query(prometheus, name)]
+    assert missing == [], f"not scraped: {missing}"
+    assert query(prometheus, 'up{job="serving"} == 1')
+    kinds = {r["metric"]["kind"] for r in query(prometheus, "serving_overrides_total")}  # type: ignore[index]
+    assert kinds >= {"routing", "feedback"}
+    # The documented reading of a ratio works on the real data: disagreement rate over the comparisons.
+    assert query(prometheus, "sum(serving_shadow_disagreements_total) / sum(serving_shadow_comparisons_total)")
