@@ -9,48 +9,19 @@ import logging
 import os
 from typing import Any
 
-import ray
 from ray import serve
 
 from serving.config import Config
 from serving.models import manifest
+from serving.rollout.controller import controller
 from serving.router import RouterCore, create_app
 from serving.variants import RayVariant
 
 logger = logging.getLogger("serving.app")
 
 APP_NAME = "serving"
-NAMESPACE = "serving"
-STORE_NAME = "serving-config-store"
 KV_CACHE_GIB = "1"  # STACK.md quirk 9: the CPU default reserves far more than tiny models need
-RELOAD_INTERVAL_S = 1.0
-
-
-@ray.remote(num_cpus=0)
-class ConfigStore:
-    """Holds the applied config text and a version; routers poll it and swap configs in place.
-    Detached and named, so it outlives router restarts and `serving apply` can find it."""
-
-    def __init__(self, text: str) -> None:
-        self.version = 1
-        self.text = text
-
-    def get(self, known_version: int) -> tuple[int, str | None]:
-        return (self.version, None) if known_version == self.version else (self.version, self.text)
-
-    def put(self, text: str) -> int:
-        self.version += 1
-        self.text = text
-        return self.version
-
-
-def config_store(text: str | None = None) -> Any:
-    """The store actor, created with `text` if it does not exist yet."""
-    if text is None:
-        return ray.get_actor(STORE_NAME, namespace=NAMESPACE)
-    return ConfigStore.options(  # type: ignore[attr-defined]
-        name=STORE_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
-    ).remote(text)
+SYNC_INTERVAL_S = 0.5
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
@@ -59,23 +30,44 @@ class Router:
     def __init__(self, config_json: str, handles: dict[str, Any], provenance: dict[str, Any]) -> None:
         config = Config.model_validate_json(config_json)
         self.core = RouterCore(config, {name: RayVariant(h) for name, h in handles.items()}, provenance)
-        self.store = config_store(config_json)
+        # Until the controller answers, candidates get no traffic: a restarted router must never
+        # bring back a weight that the controller rolled back.
+        self.core.live_weights = {}
+        self.controller = controller(config_json)
+        self.core.rollout_status = self.rollout_status
         self.version = 0
 
-    async def follow_store(self) -> None:
+    async def rollout_status(self) -> dict[str, Any]:
+        status: dict[str, Any] = await self.controller.status.remote()
+        return status
+
+    async def sync(self) -> None:
+        """Reports this replica's signals and takes the controller's config and live weights."""
+        events = self.core.drain_signals()
+        if events:
+            await self.controller.report.remote(events)
+        snapshot = await self.controller.snapshot.remote(self.version)
+        if snapshot["config"] is not None:
+            self.core.apply(Config.model_validate_json(snapshot["config"]))
+            logger.info("config version %d applied", snapshot["version"])
+        self.version = snapshot["version"]
+        self.core.config_version = self.version
+        self.core.follow_rollout(snapshot["weights"], snapshot["phases"], snapshot["rollbacks"])
+
+    async def follow_controller(self) -> None:
         while True:
+            await asyncio.sleep(SYNC_INTERVAL_S)
             try:
-                version, text = await self.store.get.remote(self.version)
-                if text is not None:
-                    self.core.apply(Config.model_validate_json(text))
-                    logger.info("config version %d applied", version)
-                self.version = version
+                await self.sync()
             except Exception:
-                logger.exception("could not refresh the config; keeping version %d", self.version)
-            await asyncio.sleep(RELOAD_INTERVAL_S)
+                logger.exception("could not sync with the rollout controller; keeping version %d", self.version)
 
     async def start_following(self) -> None:
-        asyncio.get_running_loop().create_task(self.follow_store())
+        try:
+            await self.sync()
+        except Exception:
+            logger.exception("the rollout controller did not answer at start; candidates stay at 0 until it does")
+        asyncio.get_running_loop().create_task(self.follow_controller())
 
     async def serve_metrics(self) -> None:
         """Each router replica serves its own /metrics; Prometheus aggregates across replicas."""

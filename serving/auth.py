@@ -14,6 +14,7 @@ class Principal:
     tenant: str
     tier: str
     may_override: bool
+    admin: bool
     key_id: str  # the first characters of the key's hash: safe to log, stable per key
 
 
@@ -30,4 +31,6 @@ def authenticate(config: Config, authorization: str | None) -> Principal:
             found = entry
     if found is None:
         raise Unauthorized("unknown API key", code="invalid_api_key")
-    return Principal(tenant=found.tenant, tier=found.tier, may_override=found.may_override, key_id=digest[:12])
+    return Principal(
+        tenant=found.tenant, tier=found.tier, may_override=found.may_override, admin=found.admin, key_id=digest[:12]
+    )

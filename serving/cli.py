@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from serving import __version__
 
@@ -84,6 +86,57 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rollout_status(args: argparse.Namespace) -> int:
+    from serving.config import ConfigError
+    from serving.launch import rollout_status
+
+    try:
+        status = rollout_status()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(status, indent=2, sort_keys=True) if args.json else rollout_table(status))
+    return 0
+
+
+def rollout_table(status: dict[str, Any]) -> str:
+    """The rollout status as a table a person reads: one row per tier, then each tier's rollbacks."""
+    rows = [("TIER", "PHASE", "BASELINE", "CANDIDATE", "WEIGHT", "LIVE", "FAILING / LATEST CHECKS")]
+    for name, tier in sorted(status["tiers"].items()):
+        checks = ", ".join(
+            f"{c['check']}={c['value']:.3f}{'!' if c['failed'] else ''}"
+            for c in tier["checks"]
+            if c["value"] is not None
+        )
+        rows.append(
+            (
+                name,
+                tier["phase"],
+                tier["baseline"],
+                tier["candidate"] or "-",
+                f"{tier['configured_weight']:g}",
+                f"{tier['live_weight']:g}",
+                checks or "(too few samples yet)",
+            )
+        )
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = [
+        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1]
+        for row in rows
+    ]
+    for name, tier in sorted(status["tiers"].items()):
+        for event in tier["history"]:
+            when = datetime.fromtimestamp(event["at"], UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+            why = "; ".join(
+                f"{r} {event['values'][r]:.4f} > {event['thresholds'][r]} (n={event['samples'][r]})"
+                for r in event["reasons"]
+            )
+            lines.append(
+                f"rolled back: {when} tier {name}: {event['candidate']} {event['weight_before']:g}% -> 0: {why}"
+            )
+    return "\n".join(lines)
+
+
 def parser() -> argparse.ArgumentParser:
     from serving.models.build import DEFAULT_OUT, REPO_ROOT
 
@@ -112,6 +165,11 @@ def parser() -> argparse.ArgumentParser:
     apply = commands.add_parser("apply", help="apply a changed config file to the running stack, in place")
     apply.add_argument("config", type=Path, help="the config file")
     apply.set_defaults(func=_apply)
+    rollout = commands.add_parser("rollout", help="the rollout controller: phases, live weights, rollbacks")
+    rollout_commands = rollout.add_subparsers(dest="rollout_command", metavar="ACTION", required=True)
+    status = rollout_commands.add_parser("status", help="print each tier's phase, weights, checks and rollbacks")
+    status.add_argument("--json", action="store_true", help="print the whole status as JSON")
+    status.set_defaults(func=_rollout_status)
     check = commands.add_parser("check", help="validate a config file without applying it")
     check.add_argument("config", type=Path, help="the config file")
     check.set_defaults(func=_check)

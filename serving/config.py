@@ -57,6 +57,7 @@ class KeyConfig(Strict):
     tenant: Name
     tier: Name
     may_override: bool = Field(False, description="may pin a variant with the x-variant header")
+    admin: bool = Field(False, description="may read /admin endpoints (rollout state)")
 
 
 class LimitsConfig(Strict):
@@ -77,6 +78,20 @@ class ObservabilityConfig(Strict):
     otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces endpoint, e.g. http://host:4318/v1/traces")
 
 
+class RollbackConfig(Strict):
+    enabled: bool = Field(True, description="judge candidates and roll back automatically")
+    interval_s: float = Field(2.0, gt=0, le=300, description="how often every candidate is judged")
+    window_s: float = Field(300.0, gt=0, description="the sliding window of signals judged")
+    min_samples: int = Field(30, ge=5, description="a check judges only once its window holds this many")
+    confidence_z: float = Field(2.576, gt=0, description="z of the Wilson bound on rates (2.576: 99 %)")
+    max_error_rate: float = Field(0.02, ge=0, le=1, description="candidate error rate (lower bound)")
+    max_p99_latency_ratio: float = Field(3.0, gt=1, description="candidate p99 / baseline p99")
+    max_disagreement_rate: float = Field(0.5, ge=0, le=1, description="lower bound above the noise floor")
+    max_score_drift: float = Field(0.05, ge=0, description="mean |delta log-prob| per token above the floor")
+    max_override_rate_delta: float = Field(0.05, ge=0, le=1, description="candidate minus baseline")
+    state_file: Path = Field(Path("rollout-state.json"), description="where rollbacks are persisted")
+
+
 class ServerConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -90,6 +105,7 @@ class Config(Strict):
     limits: LimitsConfig = LimitsConfig()
     shadowing: ShadowingConfig = ShadowingConfig()
     observability: ObservabilityConfig = ObservabilityConfig()
+    rollback: RollbackConfig = RollbackConfig()
     server: ServerConfig = ServerConfig()
 
     @model_validator(mode="after")
@@ -149,7 +165,8 @@ def parse_config(text: str, *, base_dir: Path, source: str = "<config>") -> Conf
     variants = {
         name: v.model_copy(update={"path": (base_dir / v.path).resolve()}) for name, v in config.variants.items()
     }
-    return config.model_copy(update={"variants": variants})
+    rollback = config.rollback.model_copy(update={"state_file": (base_dir / config.rollback.state_file).resolve()})
+    return config.model_copy(update={"variants": variants, "rollback": rollback})
 
 
 def load_config(path: Path) -> Config:

@@ -7,6 +7,7 @@ import logging
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 from serving.config import Config, ConfigError, load_config
 
@@ -37,7 +38,8 @@ def serve(config_path: Path) -> int:
     import ray
     from ray import serve as ray_serve
 
-    from serving.app import APP_NAME, NAMESPACE, build_app
+    from serving.app import APP_NAME, build_app
+    from serving.rollout.controller import NAMESPACE
 
     config = load_config(config_path)
     check_variants_exist(config)
@@ -70,26 +72,40 @@ def serve(config_path: Path) -> int:
     return 0
 
 
+def connect() -> object:
+    """Joins the running stack's Ray cluster and returns its rollout controller."""
+    import ray
+
+    from serving.rollout.controller import NAMESPACE, controller
+
+    try:
+        ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
+    except ConnectionError as exc:
+        raise ConfigError(f"no running stack (start it with `make serve`): {exc}") from None
+    try:
+        return controller()
+    except ValueError:
+        raise ConfigError("Ray is running, but no serving application is (start it with `make serve`)") from None
+
+
+def rollout_status() -> dict[str, Any]:
+    import ray
+
+    status: dict[str, Any] = ray.get(connect().status.remote())  # type: ignore[attr-defined]
+    return status
+
+
 def apply(config_path: Path) -> int:
     """Validates the file and hands it to the running application's config store."""
     import ray
 
-    from serving.app import NAMESPACE, config_store
-
     config = load_config(config_path)
-    try:
-        ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
-    except ConnectionError as exc:
-        raise ConfigError(f"no running stack to apply to (start it with `make serve`): {exc}") from None
-    try:
-        store = config_store()
-    except ValueError:
-        raise ConfigError("Ray is running, but no serving application is (start it with `make serve`)") from None
-    current = Config.model_validate_json(ray.get(store.get.remote(0))[1])
+    store: Any = connect()
+    current = Config.model_validate_json(ray.get(store.snapshot.remote(0))["config"])
     if set(current.variants) != set(config.variants) or any(
         current.variants[n].path != v.path for n, v in config.variants.items()
     ):
         raise ConfigError("the variants changed; that needs a restart of the stack, not an apply")
-    version = ray.get(store.put.remote(config.model_dump_json()))
+    version = ray.get(store.apply.remote(config.model_dump_json()))
     print(f"applied {config_path} as config version {version}; routers pick it up within a second or two")
     return 0

@@ -108,6 +108,20 @@ class Metrics:
             ["tier", "reason"],
             registry=registry,
         )
+        # sum by (tier, reason) (increase(serving_rollbacks_total[1h]))
+        self.rollbacks = Counter(
+            "serving_rollbacks_total",
+            "Automatic rollbacks of a tier's candidate, by the check that tripped",
+            ["tier", "reason"],
+            registry=registry,
+        )
+        # serving_rollout_phase == 1
+        self.rollout_phase = Gauge(
+            "serving_rollout_phase",
+            "1 for the tier's current rollout phase, 0 for the others",
+            ["tier", "phase"],
+            registry=registry,
+        )
         # serving_canary_weight_percent
         self.canary_weight = Gauge(
             "serving_canary_weight_percent",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -32,6 +32,9 @@ from serving.tracing import make_tracer, trace_id_hex
 from serving.variants import Kind, VariantClient
 
 logger = logging.getLogger("serving.router")
+
+MAX_PENDING_SIGNALS = 50_000  # signals waiting for the controller; the oldest go first if it is away
+PHASES = ("idle", "progressing", "promoted", "rolled_back")
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,14 @@ class RouterCore:
             noise_floor_rate=config.shadowing.noise_floor_rate,
         )
         self.answers = AnswerLog()
+        # Live weights from the rollout controller; None (no controller, e.g. in tests) means the config's.
+        self.live_weights: dict[str, float] | None = None
+        self.weights_changed_at: dict[str, float] = {}
+        self.rollbacks_seen: dict[str, dict[str, int]] = {}
+        self.signals: deque[tuple[Any, ...]] = deque(maxlen=MAX_PENDING_SIGNALS)
+        self.shadower.on_compared = self.signals.append
+        self.rollout_status: Callable[[], Awaitable[dict[str, Any]]] | None = None
+        self.config_version = 0
         self.publish_weights(config)
 
     def apply(self, config: Config) -> None:
@@ -99,7 +110,48 @@ class RouterCore:
                 self.metrics.shadow_dropped.labels(name, reason).inc(0)
 
     def live_weight(self, config: Config, tier: str) -> float:
-        return config.tiers[tier].weight
+        if self.live_weights is None:
+            return config.tiers[tier].weight
+        return self.live_weights.get(tier, 0.0)
+
+    def drain_signals(self) -> list[tuple[Any, ...]]:
+        drained = list(self.signals)
+        self.signals.clear()
+        return drained
+
+    def follow_rollout(
+        self, weights: dict[str, float], phases: dict[str, str], rollbacks: dict[str, dict[str, int]]
+    ) -> None:
+        """Takes the controller's live weights and mirrors its rollout state into this replica's metrics."""
+        now = time.time()
+        for tier, weight in weights.items():
+            if self.live_weights is None or self.live_weights.get(tier) != weight:
+                self.weights_changed_at[tier] = now
+        self.live_weights = dict(weights)
+        self.publish_weights(self.config)
+        for tier, phase in phases.items():
+            for known in PHASES:
+                self.metrics.rollout_phase.labels(tier, known).set(1 if known == phase else 0)
+        for tier, counts in rollbacks.items():
+            seen = self.rollbacks_seen.setdefault(tier, {})
+            for reason, count in counts.items():
+                if count > seen.get(reason, 0):
+                    self.metrics.rollbacks.labels(tier, reason).inc(count - seen.get(reason, 0))
+                    seen[reason] = count
+
+    async def admin_rollout(self, request: Request) -> JSONResponse:
+        principal = authenticate(self.config, request.headers.get("authorization"))
+        if not principal.admin:
+            raise Forbidden("this API key may not read the rollout state", code="admin_only")
+        if self.rollout_status is None:
+            raise Unavailable("no rollout controller is attached to this router", code="no_controller")
+        status = await self.rollout_status()
+        status["router"] = {
+            "config_version": self.config_version,
+            "live_weights": self.live_weights,
+            "weights_changed_at": self.weights_changed_at,
+        }
+        return JSONResponse(status)
 
     def check_limits(self, config: Config, kind: Kind, body: dict[str, Any]) -> None:
         limits = config.limits
@@ -181,6 +233,7 @@ class RouterCore:
         if answered.tenant != principal.tenant:
             raise Forbidden("that response was given to another tenant", param="response_id", code="other_tenant")
         self.metrics.feedback.labels(answered.variant, answered.tier).inc()
+        self.signals.append(("feedback", answered.tier, answered.variant, overridden))
         if overridden:
             self.metrics.overrides.labels(answered.variant, answered.tier, "feedback").inc()
             logger.info(
@@ -278,6 +331,9 @@ class Call:
 
     def count(self, outcome: str) -> None:
         self.core.metrics.requests.labels(*self.labels, outcome).inc()
+        if outcome != "rejected":  # a request the engine refused as invalid says nothing of the variant
+            latency = time.monotonic() - self.started
+            self.core.signals.append(("request", self.principal.tier, self.variant, latency, outcome == "ok"))
 
 
 def answer_text_of(kind: Kind, response: Any) -> str:
@@ -420,9 +476,13 @@ def create_app(core_of: Callable[[], RouterCore], startup: list[Hook] | None = N
         }
         return JSONResponse({"object": "list", "data": [card]})
 
+    @app.get("/admin/rollout")
+    async def admin_rollout(request: Request) -> JSONResponse:
+        return await core_of().admin_rollout(request)
+
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "config_version": core_of().config_version}
 
     @app.get("/ready")
     async def ready() -> JSONResponse:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from serving import compare
@@ -42,6 +42,7 @@ class Shadower:
         self.noise_floor_rate = noise_floor_rate
         self.rng = rng or random.Random()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.on_compared: Callable[[tuple[Any, ...]], None] | None = None  # signals for the rollout controller
 
     def pick_target(self, primary: str, target: str, rate: float) -> tuple[str, str] | None:
         """Whether to shadow this request, and against what: (target, kind). A share of the sampled
@@ -83,6 +84,8 @@ class Shadower:
         self.metrics.token_agreement.labels(*labels).observe(result.token_agreement)
         if result.score_drift is not None:
             self.metrics.score_drift.labels(*labels).observe(result.score_drift)
+        if self.on_compared is not None:
+            self.on_compared(("comparison", *labels, result.disagree, result.score_drift))
 
     async def compare_pair(
         self, kind: Kind, request: Any, primary: str, target: str, primary_text: str

@@ -1,0 +1,260 @@
+"""The rollout controller: one named Ray actor per application, the single writer of live canary
+weights. Routers poll it for the applied config and the live weights, and report their signals to it;
+every `interval_s` it judges each tier's candidate over a sliding window and rolls back what fails.
+
+`Rollout` is the logic, clock and storage passed in, testable without Ray; `RolloutController` is the
+actor around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import ray
+
+from serving.config import Config, TierConfig
+from serving.rollout import checks, store
+from serving.rollout.phases import Event, Phase, next_phase
+
+logger = logging.getLogger("serving.rollout")
+
+NAMESPACE = "serving"
+CONTROLLER_NAME = "serving-rollout-controller"
+MAX_HISTORY = 50
+
+
+def tier_hash(tier: TierConfig) -> str:
+    return hashlib.sha256(tier.model_dump_json().encode()).hexdigest()[:16]
+
+
+class Rollout:
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self.config = config
+        self.version = 1
+        self.events: deque[tuple[float, tuple[Any, ...]]] = deque()
+        self.state = store.load_state(config.rollback.state_file)
+        self.latest: dict[str, list[dict[str, Any]]] = {}
+        self.rollback_counts: dict[str, dict[str, int]] = {}
+        self.apply_tiers(config, first=True)
+
+    # -- config -------------------------------------------------------------------------------------
+    def apply(self, config: Config) -> int:
+        self.config = config
+        self.version += 1
+        self.apply_tiers(config, first=False)
+        return self.version
+
+    def apply_tiers(self, config: Config, *, first: bool) -> None:
+        for name, tier in config.tiers.items():
+            record = self.state["tiers"].setdefault(name, {"phase": Phase.IDLE, "history": []})
+            phase = Phase(record["phase"])
+            enables = tier.candidate is not None and tier.weight > 0
+            changed = record.get("tier_hash") != tier_hash(tier)
+            if phase is Phase.ROLLED_BACK and changed and enables and not first:
+                event = Event.OPERATOR_REENABLES
+            elif phase is Phase.ROLLED_BACK and changed and first:
+                # A redeploy with a changed tier config is as deliberate as an apply.
+                event = Event.OPERATOR_REENABLES if enables else Event.CONFIG_DISABLES
+            else:
+                event = Event.CONFIG_ENABLES if enables else Event.CONFIG_DISABLES
+            new_phase = next_phase(phase, event)
+            if new_phase is Phase.PROGRESSING and tier.weight >= 100:
+                new_phase = next_phase(new_phase, Event.FULLY_PROMOTED)
+            if new_phase is not Phase.ROLLED_BACK:
+                record["tier_hash"] = tier_hash(tier)
+            if new_phase is not phase or event is Event.OPERATOR_REENABLES:
+                record["since"] = self.clock()  # judge only what happened under this config
+                logger.info("tier %s: %s -> %s (%s)", name, phase, new_phase, event)
+            record["phase"] = new_phase
+            record["candidate"] = tier.candidate
+        store.save_state(self.config.rollback.state_file, self.state)
+
+    def weights(self) -> dict[str, float]:
+        live = {}
+        for name, tier in self.config.tiers.items():
+            phase = Phase(self.state["tiers"][name]["phase"])
+            live[name] = 0.0 if phase is Phase.ROLLED_BACK else tier.weight
+        return live
+
+    # -- signals ------------------------------------------------------------------------------------
+    def report(self, events: list[tuple[Any, ...]]) -> None:
+        now = self.clock()
+        self.events.extend((now, e) for e in events)
+        horizon = now - self.config.rollback.window_s
+        while self.events and self.events[0][0] < horizon:
+            self.events.popleft()
+
+    def window(self, name: str, tier: TierConfig, since: float) -> checks.Window:
+        w = checks.Window()
+        for at, event in self.events:
+            if at < since or event[1] != name:
+                continue
+            kind = event[0]
+            if kind == "request":
+                _, _, variant, latency, ok = event
+                if variant == tier.candidate:
+                    w.candidate_requests += 1
+                    w.candidate_errors += 0 if ok else 1
+                    w.candidate_latencies.append(latency)
+                elif variant == tier.baseline:
+                    w.baseline_requests += 1
+                    w.baseline_latencies.append(latency)
+            elif kind == "comparison":
+                _, _, primary, _, pair_kind, disagree, drift = event
+                if pair_kind == "noise_floor":
+                    w.floor_disagreements.append(disagree)
+                    if drift is not None:
+                        w.floor_drifts.append(drift)
+                elif primary == tier.candidate:
+                    w.disagreements.append(disagree)
+                    if drift is not None:
+                        w.drifts.append(drift)
+            elif kind == "feedback":
+                _, _, variant, overridden = event
+                if overridden and variant == tier.candidate:
+                    w.candidate_overrides += 1
+                elif overridden and variant == tier.baseline:
+                    w.baseline_overrides += 1
+        return w
+
+    # -- judging ------------------------------------------------------------------------------------
+    def thresholds(self) -> checks.Thresholds:
+        r = self.config.rollback
+        return checks.Thresholds(
+            min_samples=r.min_samples,
+            confidence_z=r.confidence_z,
+            max_error_rate=r.max_error_rate,
+            max_p99_latency_ratio=r.max_p99_latency_ratio,
+            max_disagreement_rate=r.max_disagreement_rate,
+            max_score_drift=r.max_score_drift,
+            max_override_rate_delta=r.max_override_rate_delta,
+        )
+
+    def evaluate(self) -> list[str]:
+        """Judges every tier with a live candidate; returns the tiers rolled back by this evaluation."""
+        tripped = []
+        thresholds = self.thresholds()
+        for name, tier in self.config.tiers.items():
+            record = self.state["tiers"][name]
+            if tier.candidate is None or Phase(record["phase"]) not in (Phase.PROGRESSING, Phase.PROMOTED):
+                continue
+            verdicts = checks.evaluate(self.window(name, tier, record.get("since", 0.0)), thresholds)
+            self.latest[name] = [asdict(v) for v in verdicts]
+            failed = [v for v in verdicts if v.failed]
+            if failed:
+                self.roll_back(name, tier, failed)
+                tripped.append(name)
+        return tripped
+
+    def roll_back(self, name: str, tier: TierConfig, failed: list[checks.Verdict]) -> None:
+        record = self.state["tiers"][name]
+        # Weight first: `weights()` reads the phase, so from this line on every router poll gets 0.
+        record["phase"] = next_phase(Phase(record["phase"]), Event.CHECK_FAILED)
+        tripped_at = self.clock()
+        event = {
+            "at": tripped_at,
+            "tier": name,
+            "candidate": tier.candidate,
+            "baseline": tier.baseline,
+            "weight_before": tier.weight,
+            "reasons": [v.check for v in failed],
+            "values": {v.check: v.value for v in failed},
+            "thresholds": {v.check: v.threshold for v in failed},
+            "samples": {v.check: v.samples for v in failed},
+            "window_s": self.config.rollback.window_s,
+            "since": record.get("since"),
+        }
+        record["history"] = [*record.get("history", []), event][-MAX_HISTORY:]
+        counts = self.rollback_counts.setdefault(name, {})
+        for reason in event["reasons"]:
+            counts[reason] = counts.get(reason, 0) + 1
+        store.save_state(self.config.rollback.state_file, self.state)
+        logger.warning(
+            "rolled back %s on tier %s (weight %s -> 0): %s",
+            tier.candidate,
+            name,
+            tier.weight,
+            ", ".join(f"{v.check}={v.value:.4f} > {v.threshold}" for v in failed if v.value is not None),
+        )
+
+    def snapshot(self, known_version: int) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "config": None if known_version == self.version else self.config.model_dump_json(),
+            "weights": self.weights(),
+            "phases": {name: record["phase"] for name, record in self.state["tiers"].items()},
+            "rollbacks": self.rollback_counts,
+        }
+
+    def status(self) -> dict[str, Any]:
+        weights = self.weights()
+        return {
+            "config_version": self.version,
+            "interval_s": self.config.rollback.interval_s,
+            "tiers": {
+                name: {
+                    "phase": self.state["tiers"][name]["phase"],
+                    "baseline": tier.baseline,
+                    "candidate": tier.candidate,
+                    "configured_weight": tier.weight,
+                    "live_weight": weights[name],
+                    "checks": self.latest.get(name, []),
+                    "history": self.state["tiers"][name].get("history", []),
+                }
+                for name, tier in self.config.tiers.items()
+            },
+        }
+
+
+@ray.remote(num_cpus=0)
+class RolloutController:
+    """The actor around `Rollout`: named and detached, so routers and `serving apply` find it and it
+    outlives router restarts; it judges on its own loop."""
+
+    def __init__(self, config_json: str) -> None:
+        self.rollout = Rollout(Config.model_validate_json(config_json))
+        self.loop_started = False
+
+    async def ensure_loop(self) -> None:
+        if not self.loop_started:
+            self.loop_started = True
+            asyncio.get_running_loop().create_task(self.judge_forever())
+
+    async def judge_forever(self) -> None:
+        while True:
+            if self.rollout.config.rollback.enabled:
+                try:
+                    self.rollout.evaluate()
+                except Exception:
+                    logger.exception("rollout evaluation failed")
+            await asyncio.sleep(self.rollout.config.rollback.interval_s)
+
+    async def snapshot(self, known_version: int) -> dict[str, Any]:
+        await self.ensure_loop()
+        return self.rollout.snapshot(known_version)
+
+    async def report(self, events: list[tuple[Any, ...]]) -> None:
+        self.rollout.report(events)
+
+    async def apply(self, config_json: str) -> int:
+        return self.rollout.apply(Config.model_validate_json(config_json))
+
+    async def status(self) -> dict[str, Any]:
+        return self.rollout.status()
+
+
+def controller(config_json: str | None = None) -> Any:
+    """The controller actor, created from `config_json` if it does not exist yet."""
+    if config_json is None:
+        return ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    return RolloutController.options(  # type: ignore[attr-defined]
+        name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+    ).remote(config_json)

@@ -1,0 +1,170 @@
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from serving.config import Config, load_config
+from serving.rollout import checks
+from serving.rollout.controller import Rollout
+from serving.rollout.phases import TRANSITIONS, Event, InvalidTransition, Phase, next_phase
+
+REPO = Path(__file__).resolve().parents[2]
+T = checks.Thresholds(
+    min_samples=30,
+    confidence_z=2.576,
+    max_error_rate=0.02,
+    max_p99_latency_ratio=5.0,
+    max_disagreement_rate=0.8,
+    max_score_drift=0.05,
+    max_override_rate_delta=0.05,
+)
+
+
+def by_check(window: checks.Window) -> dict[str, checks.Verdict]:
+    return {v.check: v for v in checks.evaluate(window, T)}
+
+
+def test_wilson_bounds() -> None:
+    low, high = checks.wilson_bounds(0, 100, 1.96)
+    assert low == 0.0
+    assert 0.03 < high < 0.04
+    low, high = checks.wilson_bounds(50, 100, 1.96)
+    assert low == pytest.approx(0.404, abs=0.001)
+    assert high == pytest.approx(0.596, abs=0.001)
+    assert checks.wilson_bounds(0, 0, 1.96) == (0.0, 1.0)
+
+
+def test_no_check_judges_below_min_samples() -> None:
+    window = checks.Window(disagreements=[True] * 29, drifts=[9.0] * 29, candidate_requests=29, candidate_errors=29)
+    assert not any(v.failed for v in checks.evaluate(window, T))
+    assert all(v.value is None for v in checks.evaluate(window, T))
+
+
+def test_drift_and_disagreement_trip_above_the_noise_floor() -> None:
+    awq_like = checks.Window(disagreements=[True] * 40, drifts=[0.15] * 40)
+    verdicts = by_check(awq_like)
+    assert verdicts["score_drift"].failed
+    assert verdicts["disagreement"].failed
+    int8_like = checks.Window(disagreements=[True, False] * 30, drifts=[0.005] * 60)
+    assert not any(v.failed for v in checks.evaluate(int8_like, T))
+    # The same drift is fine when the noise floor explains it.
+    noisy = checks.Window(drifts=[0.15] * 40, floor_drifts=[0.14] * 10)
+    assert not by_check(noisy)["score_drift"].failed
+
+
+def test_error_rate_latency_and_override_checks() -> None:
+    errors = checks.Window(candidate_requests=100, candidate_errors=10)
+    assert by_check(errors)["error_rate"].failed
+    one_error = checks.Window(candidate_requests=40, candidate_errors=1)
+    assert not by_check(one_error)["error_rate"].failed  # 2.5 % observed, but the lower bound is far below 2 %
+    slow = checks.Window(candidate_latencies=[1.0] * 40, baseline_latencies=[0.1] * 40)
+    assert by_check(slow)["p99_latency_ratio"].failed
+    overridden = checks.Window(candidate_requests=50, baseline_requests=50, candidate_overrides=10)
+    assert by_check(overridden)["override_rate"].failed
+
+
+def test_a_candidate_judged_against_itself_never_trips() -> None:
+    """The false-trip rate, computed: a candidate that is the baseline's own variant disagrees and
+    drifts only as much as the noise floor. 5,000 windows of 30 to 200 comparisons, with a noise
+    floor that disagrees 30 % of the time (temperature > 0) and drifts ~0.02 per token."""
+    rng = random.Random(1)
+    comparisons = trips = 0
+    for _ in range(5000):
+        n = rng.randint(30, 200)
+        window = checks.Window(
+            disagreements=[rng.random() < 0.3 for _ in range(n)],
+            drifts=[abs(rng.gauss(0.02, 0.01)) for _ in range(n)],
+            floor_disagreements=[rng.random() < 0.3 for _ in range(20)],
+            floor_drifts=[abs(rng.gauss(0.02, 0.01)) for _ in range(20)],
+            candidate_requests=n,
+            baseline_requests=n,
+            candidate_errors=sum(rng.random() < 0.001 for _ in range(n)),
+            candidate_latencies=[rng.lognormvariate(-2.5, 0.3) for _ in range(n)],
+            baseline_latencies=[rng.lognormvariate(-2.5, 0.3) for _ in range(n)],
+        )
+        comparisons += n
+        trips += any(v.failed for v in checks.evaluate(window, T))
+    assert comparisons > 100_000
+    assert trips == 0
+
+
+@pytest.mark.parametrize(("start", "event", "end"), [(k[0], k[1], v) for k, v in TRANSITIONS.items()])
+def test_every_transition(start: Phase, event: Event, end: Phase) -> None:
+    assert next_phase(start, event) is end
+
+
+def test_undefined_transitions_are_refused() -> None:
+    with pytest.raises(InvalidTransition):
+        next_phase(Phase.IDLE, Event.CHECK_FAILED)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def demo_config(tmp_path: Path, **batch: object) -> Config:
+    config = load_config(REPO / "deploy" / "demo.yaml")
+    tiers = dict(config.tiers)
+    tiers["batch"] = tiers["batch"].model_copy(update=batch)
+    rollback = config.rollback.model_copy(update={"state_file": tmp_path / "state.json"})
+    return config.model_copy(update={"tiers": tiers, "rollback": rollback})
+
+
+def awq_signals(n: int) -> list[tuple[object, ...]]:
+    return [("comparison", "batch", "awq", "fp16", "candidate", True, 0.15) for _ in range(n)]
+
+
+def test_a_failing_candidate_goes_to_zero_is_persisted_and_stays_rolled_back(tmp_path: Path) -> None:
+    clock = Clock()
+    rollout = Rollout(demo_config(tmp_path), clock)
+    assert rollout.weights()["batch"] == 50.0
+    rollout.report(awq_signals(29))
+    assert rollout.evaluate() == []
+    rollout.report(awq_signals(1))
+    assert rollout.evaluate() == ["batch"]
+    assert rollout.weights()["batch"] == 0.0
+    assert rollout.weights()["standard"] == 50.0  # other tiers are untouched
+    event = rollout.status()["tiers"]["batch"]["history"][-1]
+    assert set(event["reasons"]) == {"disagreement", "score_drift"}
+    assert event["values"]["score_drift"] == pytest.approx(0.15)
+    assert event["thresholds"]["score_drift"] == 0.05
+    assert event["samples"]["score_drift"] == 30
+
+    # A restarted controller reads the state file: still rolled back, under the same config.
+    again = Rollout(demo_config(tmp_path), clock)
+    assert again.weights()["batch"] == 0.0
+    assert again.status()["tiers"]["batch"]["phase"] == "rolled_back"
+    # Re-applying the same config does not re-enable it; changing the tier's config does.
+    again.apply(demo_config(tmp_path))
+    assert again.weights()["batch"] == 0.0
+    clock.now += 10
+    again.apply(demo_config(tmp_path, weight=10.0))
+    assert again.weights()["batch"] == 10.0
+    assert again.status()["tiers"]["batch"]["phase"] == "progressing"
+    # The old bad signals are from before the re-enable and are not judged again.
+    assert again.evaluate() == []
+
+
+def test_a_healthy_candidate_is_not_rolled_back(tmp_path: Path) -> None:
+    rollout = Rollout(demo_config(tmp_path), Clock())
+    rollout.report([("comparison", "standard", "int8", "fp16", "candidate", i % 2 == 0, 0.005) for i in range(200)])
+    rollout.report([("request", "standard", v, 0.08, True) for v in ("int8", "fp16") for _ in range(100)])
+    assert rollout.evaluate() == []
+    checks_seen = {c["check"]: c for c in rollout.status()["tiers"]["standard"]["checks"]}
+    assert checks_seen["score_drift"]["value"] == pytest.approx(0.005)
+    assert not any(c["failed"] for c in checks_seen.values())
+
+
+def test_signals_older_than_the_window_are_forgotten(tmp_path: Path) -> None:
+    clock = Clock()
+    rollout = Rollout(demo_config(tmp_path), clock)
+    rollout.report(awq_signals(20))
+    clock.now += rollout.config.rollback.window_s + 1
+    rollout.report(awq_signals(20))
+    assert rollout.evaluate() == []  # 20 + 20, but never 30 inside one window
