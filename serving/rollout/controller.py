@@ -70,8 +70,10 @@ class Rollout:
                 new_phase = next_phase(new_phase, Event.FULLY_PROMOTED)
             if new_phase is not Phase.ROLLED_BACK:
                 record["tier_hash"] = tier_hash(tier)
-            if new_phase is not phase or event is Event.OPERATOR_REENABLES:
-                record["since"] = self.clock()  # judge only what happened under this config
+            else:
+                changed = False  # a rolled-back tier keeps judging nothing until it is re-enabled
+            if new_phase is not phase or changed:
+                record["since"] = self.clock()  # judge only what happened under this tier config
                 logger.info("tier %s: %s -> %s (%s)", name, phase, new_phase, event)
             record["phase"] = new_phase
             record["candidate"] = tier.candidate
@@ -255,6 +257,12 @@ def controller(config_json: str | None = None) -> Any:
     """The controller actor, created from `config_json` if it does not exist yet."""
     if config_json is None:
         return ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    # max_restarts: Ray restarts a controller that dies; it comes back from the state file.
     return RolloutController.options(  # type: ignore[attr-defined]
-        name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+        name=CONTROLLER_NAME,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        max_task_retries=3,
     ).remote(config_json)

@@ -30,26 +30,43 @@ class Stack:
     family: Path
 
 
-def write_config(path: Path, family: Path, *, standard_weight: float = 50.0, shadow_rate: float = 0.2) -> None:
-    """The demo config (deploy/demo.yaml) pointed at the test's family and ports, with the given
-    standard-tier weight and shadow rate, plus one premium key that may override."""
+def write_config(
+    path: Path,
+    family: Path,
+    *,
+    standard_weight: float = 50.0,
+    batch_weight: float = 50.0,
+    shadow_rate: float = 0.2,
+    rollback: bool = False,
+) -> None:
+    """The demo config (deploy/demo.yaml) pointed at the test's family, ports and state file, with the
+    given weights, shadow rate and rollback switch, plus one premium key that may override. Automatic
+    rollback is off unless a test turns it on: the other tests need the awq candidate to keep serving."""
     text = (REPO / "deploy" / "demo.yaml").read_text()
     text = text.replace("../models/demo", str(family)).replace("port: 8000", f"port: {PORT}")
+    text = text.replace("metrics_port: 8080", f"metrics_port: {METRICS_PORT}")
+    text = text.replace("../state/rollout-state.json", str(path.parent / "rollout-state.json"))
     text = text.replace("weight: 50.0                                    #", f"weight: {standard_weight} #", 1)
+    text = text.replace("    weight: 50.0\n", f"    weight: {batch_weight}\n", 1)
     text = text.replace("rate: 0.2}", f"rate: {shadow_rate}}}")
+    text = text.replace("rollback:\n", f"rollback:\n  enabled: {str(rollback).lower()}\n", 1)
     premium_admin = f"  - {{sha256: {hash_key('test-premium-admin')}, tenant: t, tier: premium, may_override: true}}\n"
-    text = text.replace("\nlimits:", f"\n{premium_admin}\nlimits:")
-    text += f"\nobservability: {{metrics_port: {METRICS_PORT}}}\n"
+    text = text.replace("\nlimits:", f"\n{premium_admin}\nlimits:", 1)
     path.write_text(text)
 
 
-def apply_config(stack: Stack, **settings: float) -> subprocess.CompletedProcess[str]:
-    """Edits the config file and applies it with the documented command; waits until routers follow."""
-    write_config(stack.config, stack.family, **settings)
+def apply_config(stack: Stack, **settings: float | bool) -> subprocess.CompletedProcess[str]:
+    """Edits the config file, applies it with the documented command, and waits until the router runs it."""
+    write_config(stack.config, stack.family, **settings)  # type: ignore[arg-type]
     done = subprocess.run(
         [sys.executable, "-m", "serving.cli", "apply", str(stack.config)], capture_output=True, text=True, check=False
     )
-    time.sleep(2.5)  # routers poll the config store every second
+    if done.returncode == 0:
+        version = int(done.stdout.split("config version ")[1].split(";")[0])
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{BASE}/health", timeout=5).json()["config_version"] < version:
+            assert time.monotonic() < deadline, "the router did not take the applied config within 30 s"
+            time.sleep(0.2)
     return done
 
 

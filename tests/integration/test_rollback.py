@@ -1,0 +1,141 @@
+"""Automatic rollback on the real stack: the awq candidate of the batch tier trips on its quality
+signals and rolls back by itself, the int8 candidate of the standard tier does not, and the rollback
+survives a router restart and a controller restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import BASE, Stack, apply_config
+
+pytestmark = pytest.mark.integration
+
+ADMIN = {"authorization": "Bearer demo-admin"}
+
+
+def rollout() -> dict[str, Any]:
+    answer = httpx.get(f"{BASE}/admin/rollout", headers=ADMIN, timeout=30)
+    answer.raise_for_status()
+    status: dict[str, Any] = answer.json()
+    return status
+
+
+def batch_variants(users: range) -> set[str]:
+    api = openai.OpenAI(base_url=f"{BASE}/v1", api_key="demo-batch", max_retries=2, timeout=120)
+    return {
+        api.chat.completions.with_raw_response.create(
+            model="demo-chat", messages=[{"role": "user", "content": "x"}], max_tokens=1, user=f"after-{i}"
+        ).headers["x-served-variant"]
+        for i in users
+    }
+
+
+def kill(process_title: str) -> None:
+    pids = subprocess.run(["pgrep", "-f", process_title], capture_output=True, text=True).stdout.split()
+    assert pids, f"no process {process_title!r}"
+    for pid in pids:
+        os.kill(int(pid), signal.SIGKILL)
+
+
+def wait_until(condition: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except (httpx.HTTPError, KeyError):
+            pass
+        time.sleep(1)
+    pytest.fail(f"{what} did not happen within {timeout_s} s")
+
+
+def test_awq_rolls_back_by_itself_int8_does_not_and_it_stays_rolled_back(stack: Stack) -> None:
+    # A changed tier config starts a fresh judgement of both candidates, with rollback on.
+    assert apply_config(stack, shadow_rate=1.0, rollback=True, batch_weight=50.5, standard_weight=50.5).returncode == 0
+    assert httpx.get(f"{BASE}/admin/rollout", headers={"authorization": "Bearer demo-batch"}).status_code == 403
+
+    clients = {
+        key: openai.OpenAI(base_url=f"{BASE}/v1", api_key=key, max_retries=0, timeout=120)
+        for key in ("demo-batch", "demo-standard")
+    }
+    deadline = time.monotonic() + 420
+    i = 0
+    status = rollout()
+    while time.monotonic() < deadline:
+        for api in clients.values():
+            api.chat.completions.create(
+                model="demo-chat",
+                messages=[{"role": "user", "content": f"When in the Course {i}"}],
+                max_tokens=16,
+                temperature=0,
+                user=f"roll-{i}",
+            )
+        i += 1
+        if i % 10 == 0:
+            status = rollout()
+            standard_judged = any(
+                c["check"] == "score_drift" and c["value"] is not None for c in status["tiers"]["standard"]["checks"]
+            )
+            if status["tiers"]["batch"]["phase"] == "rolled_back" and standard_judged:
+                break
+        time.sleep(0.2)
+    batch, standard = status["tiers"]["batch"], status["tiers"]["standard"]
+    assert batch["phase"] == "rolled_back", batch
+    assert batch["live_weight"] == 0.0
+    event = batch["history"][-1]
+    assert event["candidate"] == "awq"
+    assert "score_drift" in event["reasons"]
+    assert event["values"]["score_drift"] > event["thresholds"]["score_drift"]
+    # The int8 candidate was judged on enough samples and passed every check.
+    assert standard["phase"] == "progressing", standard
+    assert standard["live_weight"] == 50.5
+    drift = next(c for c in standard["checks"] if c["check"] == "score_drift")
+    assert drift["value"] is not None
+    assert not any(c["failed"] for c in standard["checks"])
+
+    # Weight 0 reached the router quickly after the failing evaluation.
+    delay = status["router"]["weights_changed_at"]["batch"] - event["at"]
+    print(
+        f"rollback: {event['reasons']} values {event['values']}; failing evaluation to router weight 0: "
+        f"{delay:.2f} s (judged every {status['interval_s']} s); standard checks: "
+        f"{[(c['check'], c['value']) for c in standard['checks']]}"
+    )
+    assert delay < 10
+    assert batch_variants(range(20)) == {"int8"}
+
+    # The state file says why.
+    state = (stack.config.parent / "rollout-state.json").read_text()
+    assert '"rolled_back"' in state
+    assert "score_drift" in state
+
+    # A router restart does not bring the weight back.
+    kill("ServeReplica:serving:Router")
+    wait_until(
+        lambda: httpx.get(f"{BASE}/health", timeout=5).status_code == 200 and rollout()["router"]["live_weights"],
+        180,
+        "the router restart",
+    )
+    assert rollout()["tiers"]["batch"]["live_weight"] == 0.0
+    assert batch_variants(range(20)) == {"int8"}
+
+    # Nor does a controller restart: it comes back from the state file.
+    kill("RolloutController")
+    time.sleep(3)
+    wait_until(lambda: rollout()["tiers"]["batch"]["phase"] == "rolled_back", 120, "the controller restart")
+    assert rollout()["tiers"]["batch"]["live_weight"] == 0.0
+    assert batch_variants(range(20)) == {"int8"}
+
+    # Re-applying the same config keeps it rolled back; an operator's changed tier config re-enables it.
+    assert apply_config(stack, shadow_rate=1.0, rollback=True, batch_weight=50.5, standard_weight=50.5).returncode == 0
+    assert rollout()["tiers"]["batch"]["live_weight"] == 0.0
+    assert apply_config(stack, batch_weight=50.0).returncode == 0
+    assert rollout()["tiers"]["batch"]["phase"] == "progressing"
+    assert "awq" in batch_variants(range(40))
