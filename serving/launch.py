@@ -107,5 +107,10 @@ def apply(config_path: Path) -> int:
     ):
         raise ConfigError("the variants changed; that needs a restart of the stack, not an apply")
     version = ray.get(store.apply.remote(config.model_dump_json()))
-    print(f"applied {config_path} as config version {version}; routers pick it up within a second or two")
+    print(f"applied {config_path} as config version {version}; routers pick it up within a second")
+    for name, tier in ray.get(store.status.remote())["tiers"].items():
+        if tier["phase"] == "rolled_back":
+            print(
+                f"tier {name} stays rolled back ({tier['candidate']} at weight 0); change its section to re-enable it"
+            )
     return 0

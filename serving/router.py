@@ -82,6 +82,7 @@ class RouterCore:
             self.metrics,
             max_concurrency=config.shadowing.max_concurrency,
             noise_floor_rate=config.shadowing.noise_floor_rate,
+            tracer=self.tracer,
         )
         self.answers = AnswerLog()
         # Live weights from the rollout controller; None (no controller, e.g. in tests) means the config's.

@@ -19,6 +19,8 @@ import random
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from opentelemetry import trace
+
 from serving import compare
 from serving.metrics import Metrics
 from serving.variants import Kind, VariantClient
@@ -35,12 +37,14 @@ class Shadower:
         max_concurrency: int = 4,
         noise_floor_rate: float = 0.1,
         rng: random.Random | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.variants = variants
         self.metrics = metrics
         self.max_concurrency = max_concurrency
         self.noise_floor_rate = noise_floor_rate
         self.rng = rng or random.Random()
+        self.tracer = tracer or trace.get_tracer("serving.shadow")
         self.tasks: set[asyncio.Task[None]] = set()
         self.on_compared: Callable[[tuple[Any, ...]], None] | None = None  # signals for the rollout controller
 
@@ -73,7 +77,11 @@ class Shadower:
     ) -> None:
         labels = (tier, primary, target, kind_of_pair)
         try:
-            result = await self.compare_pair(kind, request, primary, target, primary_text)
+            # Started inside the request's context, so the span is a child of the request's trace.
+            with self.tracer.start_as_current_span("shadow comparison") as span:
+                span.set_attributes({"tier": tier, "primary": primary, "shadow": target, "kind": kind_of_pair})
+                result = await self.compare_pair(kind, request, primary, target, primary_text)
+                span.set_attributes({"disagree": result.disagree, "token_agreement": result.token_agreement})
         except Exception as exc:
             logger.warning("shadow comparison %s vs %s failed: %r", primary, target, exc)
             self.metrics.shadow_dropped.labels(tier, "failed").inc()

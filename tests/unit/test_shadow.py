@@ -174,13 +174,15 @@ async def test_requests_latency_tokens_and_weights_are_recorded() -> None:
     assert sample(core, "serving_canary_weight_percent", tier="batch", candidate="awq") == 50.0
 
 
-async def test_each_request_is_a_trace_with_routing_and_call_spans() -> None:
+async def test_each_request_is_a_trace_with_routing_call_and_shadow_spans() -> None:
     spans = InMemorySpanExporter()
-    core = make_core(shadow_rate=0.0, spans=spans)
+    core = make_core(shadow_rate=1.0, spans=spans)
     async with client_for(core) as client:
         answer = await client.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer demo-batch"})
+    await settle(core)
     finished = {s.name: s for s in spans.get_finished_spans()}
-    assert set(finished) >= {"router chat", "route", "variant call"}
+    assert set(finished) >= {"router chat", "route", "variant call", "shadow comparison"}
+    assert len({s.context.trace_id for s in finished.values()}) == 1
     root = finished["router chat"]
     assert format(root.context.trace_id, "032x") == answer.headers["x-trace-id"]
     assert finished["route"].parent is not None
