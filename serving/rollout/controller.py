@@ -35,12 +35,16 @@ def tier_hash(tier: TierConfig) -> str:
 
 
 class Rollout:
-    def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time, *, restarted: bool = False) -> None:
+        """`restarted`: this is the same controller coming back after a crash, so the last applied
+        config (persisted with the state) wins over the one it was first created with."""
         self.clock = clock
-        self.config = config
-        self.version = 1
         self.events: deque[tuple[float, tuple[Any, ...]]] = deque()
         self.state = store.load_state(config.rollback.state_file)
+        if restarted and "config" in self.state:
+            config = Config.model_validate_json(self.state["config"])
+        self.config = config
+        self.version = int(self.state.get("version", 1)) if restarted else 1
         self.latest: dict[str, list[dict[str, Any]]] = {}
         self.rollback_counts: dict[str, dict[str, int]] = {}
         self.apply_tiers(config, first=True)
@@ -77,6 +81,8 @@ class Rollout:
                 logger.info("tier %s: %s -> %s (%s)", name, phase, new_phase, event)
             record["phase"] = new_phase
             record["candidate"] = tier.candidate
+        self.state["config"] = config.model_dump_json()
+        self.state["version"] = self.version
         store.save_state(self.config.rollback.state_file, self.state)
 
     def weights(self) -> dict[str, float]:
@@ -222,7 +228,10 @@ class RolloutController:
     outlives router restarts; it judges on its own loop."""
 
     def __init__(self, config_json: str) -> None:
-        self.rollout = Rollout(Config.model_validate_json(config_json))
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self.rollout = Rollout(Config.model_validate_json(config_json), restarted=restarted)
+        if restarted:
+            logger.warning("rollout controller restarted; config version %d restored", self.rollout.version)
         self.loop_started = False
 
     async def ensure_loop(self) -> None:

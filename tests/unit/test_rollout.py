@@ -136,7 +136,12 @@ def test_a_failing_candidate_goes_to_zero_is_persisted_and_stays_rolled_back(tmp
     assert event["thresholds"]["score_drift"] == 0.05
     assert event["samples"]["score_drift"] == 30
 
-    # A restarted controller reads the state file: still rolled back, under the same config.
+    # A controller that crashed and came back restores the last applied config from its state, even
+    # when it was first created with another one: still rolled back.
+    crashed = Rollout(demo_config(tmp_path, weight=20.0), clock, restarted=True)
+    assert crashed.weights()["batch"] == 0.0
+    assert crashed.config.tiers["batch"].weight == 50.0
+    # A new controller under the same config (a redeploy) reads the state file: still rolled back.
     again = Rollout(demo_config(tmp_path), clock)
     assert again.weights()["batch"] == 0.0
     assert again.status()["tiers"]["batch"]["phase"] == "rolled_back"
