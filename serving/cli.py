@@ -53,48 +53,29 @@ def _summary(found: dict[str, object]) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from serving.config import ConfigError
     from serving.launch import serve
 
-    try:
-        return serve(args.config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return serve(args.config)
 
 
 def _apply(args: argparse.Namespace) -> int:
-    from serving.config import ConfigError
     from serving.launch import apply
 
-    try:
-        return apply(args.config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return apply(args.config)
 
 
 def _check(args: argparse.Namespace) -> int:
-    from serving.config import ConfigError, load_config
+    from serving.config import load_config
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    config = load_config(args.config)
     print(f"{args.config}: valid ({len(config.variants)} variants, {len(config.tiers)} tiers, {len(config.keys)} keys)")
     return 0
 
 
 def _rollout_status(args: argparse.Namespace) -> int:
-    from serving.config import ConfigError
     from serving.launch import rollout_status
 
-    try:
-        status = rollout_status()
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    status = rollout_status()
     print(json.dumps(status, indent=2, sort_keys=True) if args.json else rollout_table(status))
     return 0
 
@@ -177,8 +158,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from serving.config import ConfigError
+
     args = parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:  # a bad file, or no running stack: the message says which
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

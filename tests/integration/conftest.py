@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from serving.config import hash_key
@@ -70,6 +71,32 @@ def apply_config(stack: Stack, **settings: float | bool) -> subprocess.Completed
     return done
 
 
+def wait_for_http(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> None:
+    """Waits until `url` answers 200, failing early (with the log's tail) if the process exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"{process.args!r} exited with {process.returncode}: {log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"{url} did not answer within {timeout_s} s: {log_path.read_text()[-3000:]}")
+
+
+def served_variants(key: str, users: range, prefix: str = "user") -> set[str]:
+    """The variants that answered one request from each of these users."""
+    api = openai.OpenAI(base_url=f"{BASE}/v1", api_key=key, max_retries=2, timeout=120)
+    return {
+        api.chat.completions.with_raw_response.create(
+            model="demo-chat", messages=[{"role": "user", "content": "x"}], max_tokens=1, user=f"{prefix}-{i}"
+        ).headers["x-served-variant"]
+        for i in users
+    }
+
+
 @pytest.fixture(scope="session")
 def stack(demo_family: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     config = tmp_path_factory.mktemp("stack") / "config.yaml"
@@ -84,18 +111,7 @@ def stack(demo_family: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                pytest.fail(f"serving serve exited with {process.returncode}: {log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{BASE}/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-        else:
-            pytest.fail("the stack was not ready within 10 minutes")
+        wait_for_http(f"{BASE}/ready", process, log_path, timeout_s=600)
         print(f"stack ready in {time.monotonic() - started:.0f} s")
         yield Stack(config, demo_family)
     finally:

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import BASE, METRICS_PORT, Stack, apply_config
+from tests.integration.conftest import BASE, METRICS_PORT, Stack, apply_config, wait_for_http
 
 pytestmark = pytest.mark.integration
 
@@ -59,15 +59,7 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{PROMETHEUS_PORT}"
     try:
-        for _ in range(60):
-            try:
-                if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail(f"prometheus did not start: {Path(log.name).read_text()[-2000:]}")
+        wait_for_http(f"{url}/-/ready", process, Path(log.name), timeout_s=60)
         yield url
     finally:
         process.terminate()

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import BASE, Stack, apply_config
+from tests.integration.conftest import BASE, Stack, apply_config, served_variants
 
 pytestmark = pytest.mark.integration
 
@@ -29,13 +29,7 @@ def rollout() -> dict[str, Any]:
 
 
 def batch_variants(users: range) -> set[str]:
-    api = openai.OpenAI(base_url=f"{BASE}/v1", api_key="demo-batch", max_retries=2, timeout=120)
-    return {
-        api.chat.completions.with_raw_response.create(
-            model="demo-chat", messages=[{"role": "user", "content": "x"}], max_tokens=1, user=f"after-{i}"
-        ).headers["x-served-variant"]
-        for i in users
-    }
+    return served_variants("demo-batch", users, prefix="after")
 
 
 def kill(process_title: str) -> None:

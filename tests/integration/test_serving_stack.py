@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import BASE, Stack, apply_config
+from tests.integration.conftest import BASE, Stack, apply_config, served_variants
 
 pytestmark = pytest.mark.integration
 
@@ -124,16 +124,6 @@ def test_64_concurrent_requests_all_succeed(stack: Stack) -> None:
     assert set(served) == {"fp16", "int8", "awq"}
 
 
-def standard_variants(users: range) -> set[str]:
-    api = client("demo-standard")
-    return {
-        api.chat.completions.with_raw_response.create(
-            model="demo-chat", messages=[{"role": "user", "content": "x"}], max_tokens=1, user=f"user-{i}"
-        ).headers["x-served-variant"]
-        for i in users
-    }
-
-
 def test_weights_change_under_load_with_zero_failed_requests(stack: Stack) -> None:
     failures: list[str] = []
     successes = 0
@@ -174,6 +164,6 @@ def test_weights_change_under_load_with_zero_failed_requests(stack: Stack) -> No
 
     # And the weights really took effect: 0 sends every user to the baseline, 100 to the candidate.
     assert apply_config(stack, standard_weight=0.0).returncode == 0
-    assert standard_variants(range(30)) == {"fp16"}
+    assert served_variants("demo-standard", range(30)) == {"fp16"}
     assert apply_config(stack, standard_weight=100.0).returncode == 0
-    assert standard_variants(range(30)) == {"int8"}
+    assert served_variants("demo-standard", range(30)) == {"int8"}
