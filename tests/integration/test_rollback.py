@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from typing import Any
 
@@ -105,7 +106,12 @@ def test_awq_rolls_back_by_itself_int8_does_not_and_it_stays_rolled_back(stack: 
     assert delay < 10
     assert batch_variants(range(20)) == {"int8"}
 
-    # The state file says why.
+    # So does `serving rollout status`, as a table, and the state file.
+    table = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "rollout", "status"], capture_output=True, text=True, check=True
+    ).stdout
+    assert any(line.split()[:2] == ["batch", "rolled_back"] for line in table.splitlines())
+    assert "rolled back:" in table
     state = (stack.config.parent / "rollout-state.json").read_text()
     assert '"rolled_back"' in state
     assert "score_drift" in state

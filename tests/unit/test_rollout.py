@@ -173,3 +173,17 @@ def test_signals_older_than_the_window_are_forgotten(tmp_path: Path) -> None:
     clock.now += rollout.config.rollback.window_s + 1
     rollout.report(awq_signals(20))
     assert rollout.evaluate() == []  # 20 + 20, but never 30 inside one window
+
+
+def test_rollout_status_prints_as_a_table(tmp_path: Path) -> None:
+    from serving.cli import rollout_table
+
+    rollout = Rollout(demo_config(tmp_path), Clock())
+    rollout.report(awq_signals(30))
+    rollout.evaluate()
+    table = rollout_table(rollout.status()).splitlines()
+    assert table[0].split()[:6] == ["TIER", "PHASE", "BASELINE", "CANDIDATE", "WEIGHT", "LIVE"]
+    batch = next(line for line in table if line.startswith("batch "))
+    assert batch.split()[:6] == ["batch", "rolled_back", "int8", "awq", "50", "0"]
+    assert "score_drift=0.150!" in batch
+    assert any(line.startswith("rolled back:") and "tier batch: awq 50% -> 0" in line for line in table)
