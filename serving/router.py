@@ -7,7 +7,6 @@ Serve ingress deployment that hosts both lives in `serving.app`; tests can host 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import OrderedDict, deque
@@ -20,13 +19,21 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry
-from pydantic import ValidationError
 
 from serving import routing
 from serving.auth import Principal, authenticate
 from serving.config import Config
-from serving.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, ServingError, Unavailable
+from serving.errors import BadRequest, Forbidden, NotFound, ServingError, Unavailable
 from serving.metrics import Metrics
+from serving.protocol import (
+    answer_text,
+    engine_error,
+    parse_chunk,
+    parse_request,
+    prompt_chars,
+    read_json_body,
+    sse,
+)
 from serving.shadow import Shadower
 from serving.tracing import make_tracer, trace_id_hex
 from serving.variants import Kind, VariantClient
@@ -284,7 +291,7 @@ class Call:
         if hasattr(first, "model_dump"):  # a whole, non-streaming response
             self.finish(
                 first.id,
-                answer_text_of(self.kind, first),
+                answer_text(self.kind, first),
                 first.usage.completion_tokens,
                 first.usage.prompt_tokens,
                 first_at,
@@ -335,96 +342,6 @@ class Call:
         if outcome != "rejected":  # a request the engine refused as invalid says nothing of the variant
             latency = time.monotonic() - self.started
             self.core.signals.append(("request", self.principal.tier, self.variant, latency, outcome == "ok"))
-
-
-def answer_text_of(kind: Kind, response: Any) -> str:
-    choice = response.choices[0]
-    return str((choice.message.content if kind == "chat" else choice.text) or "")
-
-
-def parse_chunk(data: str) -> dict[str, Any] | None:
-    payload = data.strip().removeprefix("data:").strip()
-    if not payload or payload == "[DONE]":
-        return None
-    try:
-        chunk = json.loads(payload)
-    except json.JSONDecodeError:
-        return None
-    return chunk if isinstance(chunk, dict) else None
-
-
-def prompt_chars(kind: Kind, body: dict[str, Any]) -> int:
-    if kind == "completions":
-        prompt = body.get("prompt")
-        return len(prompt) if isinstance(prompt, str) else len(json.dumps(prompt))
-    messages = body.get("messages")
-    return len(json.dumps(messages)) if messages is not None else 0
-
-
-async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the request body is larger than {limit} bytes", code="body_too_large")
-    raw = b""
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > limit:
-            raise PayloadTooLarge(f"the request body is larger than {limit} bytes", code="body_too_large")
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object", code="invalid_json")
-    return body
-
-
-def parse_request(kind: Kind, body: dict[str, Any]) -> Any:
-    """Validates with vLLM's own OpenAI request models (through Ray Serve LLM)."""
-    from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest, CompletionRequest
-    from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
-
-    model = ChatCompletionRequest if kind == "chat" else CompletionRequest
-    try:
-        parsed = model.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise BadRequest(f"{where}: {first['msg']}", param=where or None, code="invalid_parameter") from None
-    except ValueError as exc:
-        raise BadRequest(str(exc), code="invalid_parameter") from None
-    # Pydantic leaves some message fields as lazy iterators that cannot cross a Ray call.
-    return _sanitize_chat_completion_request(parsed) if kind == "chat" else parsed
-
-
-def engine_error(first: Any) -> ServingError | None:
-    """An `ErrorResponse` from the engine (e.g. prompt longer than the context) as our typed error."""
-    item = first[0] if isinstance(first, list) and first else first
-    error = getattr(item, "error", None)
-    if error is None or not hasattr(error, "code"):
-        return None
-    status = int(error.code) if str(error.code).isdigit() else 500
-    if 400 <= status < 500:
-        failure = BadRequest(error.message, code="engine_rejected")
-        return failure
-    return Unavailable(f"the engine failed: {error.message}", code="engine_error")
-
-
-async def sse(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[str]:
-    done = False
-
-    def packet(item: Any) -> str:
-        nonlocal done
-        parts = item if isinstance(item, list) else [item]
-        text = "".join(p if isinstance(p, str) else f"data: {p.model_dump_json()}\n\n" for p in parts)
-        done = done or "data: [DONE]" in text
-        return text
-
-    yield packet(first)
-    async for item in rest:
-        yield packet(item)
-    if not done:
-        yield "data: [DONE]\n\n"
 
 
 Hook = Callable[[], Awaitable[None]]

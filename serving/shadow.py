@@ -23,6 +23,7 @@ from opentelemetry import trace
 
 from serving import compare
 from serving.metrics import Metrics
+from serving.protocol import answer_text
 from serving.variants import Kind, VariantClient
 
 logger = logging.getLogger("serving.shadow")
@@ -169,8 +170,3 @@ def scoring_request(kind: Kind, request: Any, text: str) -> Any:
     if not isinstance(request.prompt, str):
         raise ValueError("only a single text prompt can be teacher-forced")
     return request.model_copy(update={**common, "prompt": request.prompt + text, "echo": False})
-
-
-def answer_text(kind: Kind, response: Any) -> str:
-    choice = response.choices[0]
-    return str((choice.message.content if kind == "chat" else choice.text) or "")

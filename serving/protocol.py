@@ -1,0 +1,106 @@
+"""The wire format the router reads and writes: request bodies in (size-limited JSON, validated with
+vLLM's own OpenAI request models), engine answers out (whole responses, SSE streams, engine errors).
+Shared by the router and the shadow comparison."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from pydantic import ValidationError
+
+from serving.errors import BadRequest, PayloadTooLarge, ServingError, Unavailable
+from serving.variants import Kind
+
+
+def answer_text(kind: Kind, response: Any) -> str:
+    """The text of the first choice of a whole chat or completion response."""
+    choice = response.choices[0]
+    return str((choice.message.content if kind == "chat" else choice.text) or "")
+
+
+def parse_chunk(data: str) -> dict[str, Any] | None:
+    payload = data.strip().removeprefix("data:").strip()
+    if not payload or payload == "[DONE]":
+        return None
+    try:
+        chunk = json.loads(payload)
+    except json.JSONDecodeError:
+        return None
+    return chunk if isinstance(chunk, dict) else None
+
+
+def prompt_chars(kind: Kind, body: dict[str, Any]) -> int:
+    if kind == "completions":
+        prompt = body.get("prompt")
+        return len(prompt) if isinstance(prompt, str) else len(json.dumps(prompt))
+    messages = body.get("messages")
+    return len(json.dumps(messages)) if messages is not None else 0
+
+
+async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is larger than {limit} bytes", code="body_too_large")
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise PayloadTooLarge(f"the request body is larger than {limit} bytes", code="body_too_large")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def parse_request(kind: Kind, body: dict[str, Any]) -> Any:
+    """Validates with vLLM's own OpenAI request models (through Ray Serve LLM)."""
+    from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest, CompletionRequest
+    from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
+
+    model = ChatCompletionRequest if kind == "chat" else CompletionRequest
+    try:
+        parsed = model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise BadRequest(f"{where}: {first['msg']}", param=where or None, code="invalid_parameter") from None
+    except ValueError as exc:
+        raise BadRequest(str(exc), code="invalid_parameter") from None
+    # Pydantic leaves some message fields as lazy iterators that cannot cross a Ray call.
+    return _sanitize_chat_completion_request(parsed) if kind == "chat" else parsed
+
+
+def engine_error(first: Any) -> ServingError | None:
+    """An `ErrorResponse` from the engine (e.g. prompt longer than the context) as our typed error."""
+    item = first[0] if isinstance(first, list) and first else first
+    error = getattr(item, "error", None)
+    if error is None or not hasattr(error, "code"):
+        return None
+    status = int(error.code) if str(error.code).isdigit() else 500
+    if 400 <= status < 500:
+        failure = BadRequest(error.message, code="engine_rejected")
+        return failure
+    return Unavailable(f"the engine failed: {error.message}", code="engine_error")
+
+
+async def sse(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[str]:
+    done = False
+
+    def packet(item: Any) -> str:
+        nonlocal done
+        parts = item if isinstance(item, list) else [item]
+        text = "".join(p if isinstance(p, str) else f"data: {p.model_dump_json()}\n\n" for p in parts)
+        done = done or "data: [DONE]" in text
+        return text
+
+    yield packet(first)
+    async for item in rest:
+        yield packet(item)
+    if not done:
+        yield "data: [DONE]\n\n"
