@@ -145,3 +145,35 @@ async def test_applying_a_config_changes_routing_in_place(core: RouterCore, clie
     assert served == {"awq"}
     with pytest.raises(ValueError, match="needs a redeploy"):
         core.apply(core.config.model_copy(update={"variants": {}}))
+
+
+async def test_the_router_follows_the_controller_weights_and_mirrors_rollbacks(
+    client: httpx.AsyncClient, core: RouterCore
+) -> None:
+    core.follow_rollout({"premium": 0.0, "standard": 50.0, "batch": 0.0}, {"batch": "rolled_back"}, {})
+    served = {
+        (await client.post("/v1/chat/completions", json={**CHAT, "user": f"u{i}"}, headers=key("demo-batch"))).headers[
+            "x-served-variant"
+        ]
+        for i in range(20)
+    }
+    assert served == {"int8"}  # the config says 50 % awq; the controller's live weight 0 wins
+    core.follow_rollout({"batch": 0.0}, {"batch": "rolled_back"}, {"batch": {"score_drift": 1}})
+    core.follow_rollout({"batch": 0.0}, {"batch": "rolled_back"}, {"batch": {"score_drift": 1}})
+    registry = core.metrics.registry
+    assert registry.get_sample_value("serving_rollbacks_total", {"tier": "batch", "reason": "score_drift"}) == 1
+    assert registry.get_sample_value("serving_rollout_phase", {"tier": "batch", "phase": "rolled_back"}) == 1
+    assert registry.get_sample_value("serving_rollout_phase", {"tier": "batch", "phase": "progressing"}) == 0
+    assert registry.get_sample_value("serving_canary_weight_percent", {"tier": "batch", "candidate": "awq"}) == 0
+
+
+async def test_admin_rollout_needs_an_admin_key(client: httpx.AsyncClient, core: RouterCore) -> None:
+    assert (await client.get("/admin/rollout", headers=key("demo-batch"))).status_code == 403
+
+    async def status() -> dict[str, object]:
+        return {"tiers": {}}
+
+    core.rollout_status = status
+    answer = await client.get("/admin/rollout", headers=key("demo-admin"))
+    assert answer.status_code == 200
+    assert set(answer.json()) == {"tiers", "router"}
