@@ -1,5 +1,5 @@
 """Builds the Ray Serve application from the config: one `LLMServer` deployment per variant, the
-router ingress in front, and the config store that routers follow. Nothing else.
+router ingress in front, which follows the rollout controller. Nothing else.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ class Router:
         self.core.live_weights = {}
         self.controller = controller(config_json)
         self.core.rollout_status = self.rollout_status
-        self.version = 0
 
     async def rollout_status(self) -> dict[str, Any]:
         status: dict[str, Any] = await self.controller.status.remote()
@@ -46,12 +45,11 @@ class Router:
         events = self.core.drain_signals()
         if events:
             await self.controller.report.remote(events)
-        snapshot = await self.controller.snapshot.remote(self.version)
+        snapshot = await self.controller.snapshot.remote(self.core.config_version)
         if snapshot["config"] is not None:
             self.core.apply(Config.model_validate_json(snapshot["config"]))
             logger.info("config version %d applied", snapshot["version"])
-        self.version = snapshot["version"]
-        self.core.config_version = self.version
+        self.core.config_version = snapshot["version"]
         self.core.follow_rollout(snapshot["weights"], snapshot["phases"], snapshot["rollbacks"])
 
     async def follow_controller(self) -> None:
@@ -60,7 +58,9 @@ class Router:
             try:
                 await self.sync()
             except Exception:
-                logger.exception("could not sync with the rollout controller; keeping version %d", self.version)
+                logger.exception(
+                    "could not sync with the rollout controller; keeping version %d", self.core.config_version
+                )
 
     async def start_following(self) -> None:
         try:

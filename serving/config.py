@@ -135,6 +135,11 @@ class Config(Strict):
         return self
 
 
+def variants_differ(old: Config, new: Config) -> bool:
+    """Whether `new` names other variants, or other model paths for them: that needs a redeploy, not an apply."""
+    return {n: v.path for n, v in old.variants.items()} != {n: v.path for n, v in new.variants.items()}
+
+
 def hash_key(plain: str) -> str:
     return hashlib.sha256(plain.encode()).hexdigest()
 

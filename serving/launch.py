@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from serving.config import Config, ConfigError, load_config
+from serving.config import Config, ConfigError, load_config, variants_differ
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def serve(config_path: Path) -> int:
     return 0
 
 
-def connect() -> object:
+def connect() -> Any:
     """Joins the running stack's Ray cluster and returns its rollout controller."""
     import ray
 
@@ -91,20 +91,18 @@ def connect() -> object:
 def rollout_status() -> dict[str, Any]:
     import ray
 
-    status: dict[str, Any] = ray.get(connect().status.remote())  # type: ignore[attr-defined]
+    status: dict[str, Any] = ray.get(connect().status.remote())
     return status
 
 
 def apply(config_path: Path) -> int:
-    """Validates the file and hands it to the running application's config store."""
+    """Validates the file and hands it to the running application's rollout controller."""
     import ray
 
     config = load_config(config_path)
-    store: Any = connect()
+    store = connect()
     current = Config.model_validate_json(ray.get(store.snapshot.remote(0))["config"])
-    if set(current.variants) != set(config.variants) or any(
-        current.variants[n].path != v.path for n, v in config.variants.items()
-    ):
+    if variants_differ(current, config):
         raise ConfigError("the variants changed; that needs a restart of the stack, not an apply")
     version = ray.get(store.apply.remote(config.model_dump_json()))
     print(f"applied {config_path} as config version {version}; routers pick it up within a second")

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from serving import routing
 from serving.auth import Principal, authenticate
-from serving.config import Config
+from serving.config import Config, variants_differ
 from serving.errors import BadRequest, Forbidden, NotFound, ServingError, Unavailable
 from serving.metrics import Metrics
 from serving.protocol import (
@@ -100,22 +100,27 @@ class RouterCore:
         self.shadower.on_compared = self.signals.append
         self.rollout_status: Callable[[], Awaitable[dict[str, Any]]] | None = None
         self.config_version = 0
-        self.publish_weights(config)
+        self.start_series(config)
 
     def apply(self, config: Config) -> None:
         """Swaps in a new config. Variants cannot change without a redeploy; that is refused."""
-        if set(config.variants) != set(self.config.variants):
-            raise ValueError("the set of variants changed; that needs a redeploy, not a config apply")
+        if variants_differ(self.config, config):
+            raise ValueError("the variants changed; that needs a redeploy, not a config apply")
         self.config = config
         self.shadower.max_concurrency = config.shadowing.max_concurrency
         self.shadower.noise_floor_rate = config.shadowing.noise_floor_rate
+        self.start_series(config)
+
+    def start_series(self, config: Config) -> None:
+        """Gives each tier's dropped-shadow counters a first sample: a zero is data; an absent series is not."""
+        for name in config.tiers:
+            for reason in ("saturated", "failed"):
+                self.metrics.shadow_dropped.labels(name, reason).inc(0)
         self.publish_weights(config)
 
     def publish_weights(self, config: Config) -> None:
         for name, tier in config.tiers.items():
             self.metrics.canary_weight.labels(name, tier.candidate or "none").set(self.live_weight(config, name))
-            for reason in ("saturated", "failed"):  # a zero is data; an absent series is not
-                self.metrics.shadow_dropped.labels(name, reason).inc(0)
 
     def live_weight(self, config: Config, tier: str) -> float:
         if self.live_weights is None:

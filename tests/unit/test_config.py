@@ -72,3 +72,14 @@ def test_unreadable_or_non_mapping_files_are_refused(tmp_path: Path) -> None:
         parse("model: [unclosed")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         parse("- a list")
+
+
+def test_a_changed_variant_set_or_model_path_needs_a_redeploy() -> None:
+    from serving.config import variants_differ
+
+    config = parse_config(MINIMAL, base_dir=Path("/cfg"))
+    assert not variants_differ(
+        config, parse_config(MINIMAL.replace("weight: 12.5", "weight: 20"), base_dir=Path("/cfg"))
+    )
+    assert variants_differ(config, parse_config(MINIMAL.replace("path: b", "path: c"), base_dir=Path("/cfg")))
+    assert variants_differ(config, parse_config(MINIMAL, base_dir=Path("/elsewhere")))
