@@ -12,6 +12,8 @@ from typing import Any
 from ray import serve
 
 from serving.config import Config
+from serving.engine import VariantServer
+from serving.kernels import WORKER_EXTENSION
 from serving.models import manifest
 from serving.rollout.controller import controller
 from serving.router import RouterCore, create_app
@@ -93,9 +95,18 @@ def llm_config(model: str, name: str, path: str, max_model_len: int, *, gpu: boo
         # and would wait for one forever (STACK.md quirk 4).
         placement_group_config=None if gpu else {"bundles": [{"CPU": 1}]},
         runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GIB)}},
-        engine_kwargs={"max_model_len": max_model_len, "dtype": "float16", "enable_log_requests": False},
-        deployment_config={"num_replicas": 1, "name": f"variant-{name}"},
+        # The dtype is set by VariantServer on the engine's own node, from that node's hardware.
+        engine_kwargs={
+            "max_model_len": max_model_len,
+            "enable_log_requests": False,
+            "worker_extension_cls": WORKER_EXTENSION,
+        },
+        deployment_config={"num_replicas": 1, "name": variant_deployment(name)},
     )
+
+
+def variant_deployment(name: str) -> str:
+    return f"variant-{name}"
 
 
 def provenance_of(config: Config) -> dict[str, Any]:
@@ -115,7 +126,10 @@ def build_app(config: Config, *, gpu: bool) -> Any:
 
     handles = {
         name: build_llm_deployment(
-            llm_config(config.model, name, str(v.path), v.max_model_len, gpu=gpu), name_prefix=""
+            llm_config(config.model, name, str(v.path), v.max_model_len, gpu=gpu),
+            name_prefix="",
+            deployment_cls=VariantServer,
+            bind_kwargs={"variant": name, "precision": v.precision, "pinned_dtype": v.dtype},
         )
         for name, v in config.variants.items()
     }

@@ -13,6 +13,8 @@ from typing import Annotated, Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from serving.hardware import Dtype
+
 Precision = Literal["fp32", "bf16", "fp16", "int8", "awq", "gptq", "fp8"]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 
@@ -29,6 +31,9 @@ class VariantConfig(Strict):
     path: Path = Field(description="folder of the model weights (HF layout), relative to the config file")
     precision: Precision = Field(description="what the weights are; `forbid` lists refer to this")
     max_model_len: int = Field(1024, ge=16, description="engine context length (prompt + output tokens)")
+    dtype: Dtype | None = Field(
+        None, description="activation dtype; by default chosen from the hardware (serving.hardware.choose_dtype)"
+    )
 
 
 class ShadowConfig(Strict):

@@ -7,6 +7,7 @@ Serve ingress deployment that hosts both lives in `serving.app`; tests can host 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
@@ -34,6 +35,7 @@ from serving.protocol import (
     read_json_body,
     sse,
 )
+from serving.readiness import Readiness
 from serving.shadow import Shadower
 from serving.tracing import make_tracer, trace_id_hex
 from serving.variants import Kind, VariantClient
@@ -41,6 +43,7 @@ from serving.variants import Kind, VariantClient
 logger = logging.getLogger("serving.router")
 
 MAX_PENDING_SIGNALS = 50_000  # signals waiting for the controller; the oldest go first if it is away
+DESCRIBE_TIMEOUT_S = 5.0
 PHASES = ("idle", "progressing", "promoted", "rolled_back")
 
 
@@ -92,6 +95,8 @@ class RouterCore:
             tracer=self.tracer,
         )
         self.answers = AnswerLog()
+        self.readiness = Readiness()
+        self.engine_facts: dict[str, dict[str, Any]] = {}
         # Live weights from the rollout controller; None (no controller, e.g. in tests) means the config's.
         self.live_weights: dict[str, float] | None = None
         self.weights_changed_at: dict[str, float] = {}
@@ -151,6 +156,30 @@ class RouterCore:
                 if count > seen.get(reason, 0):
                     self.metrics.rollbacks.labels(tier, reason).inc(count - seen.get(reason, 0))
                     seen[reason] = count
+
+    async def describe_variants(self) -> dict[str, dict[str, Any]]:
+        """Each variant's precision, activation dtype, kernels and provenance, as /v1/models shows them."""
+        missing = [name for name in self.variants if name not in self.engine_facts]
+        if missing:
+            found = await asyncio.gather(
+                *(asyncio.wait_for(self.variants[n].describe(), DESCRIBE_TIMEOUT_S) for n in missing),
+                return_exceptions=True,
+            )
+            for name, facts in zip(missing, found, strict=True):
+                if isinstance(facts, dict):  # an engine still starting is asked again next time
+                    self.engine_facts[name] = facts
+        described = {}
+        for name, v in self.config.variants.items():
+            facts = self.engine_facts.get(name, {})
+            described[name] = {
+                "precision": v.precision,
+                "dtype": facts.get("dtype"),
+                "dtype_reason": facts.get("dtype_reason"),
+                "linear_kernels": facts.get("linear_kernels"),
+                "hardware": facts.get("hardware"),
+                "provenance": self.provenance.get(name),
+            }
+        return described
 
     async def admin_rollout(self, request: Request) -> JSONResponse:
         principal = authenticate(self.config, request.headers.get("authorization"))
@@ -392,10 +421,7 @@ def create_app(core_of: Callable[[], RouterCore], startup: list[Hook] | None = N
             "object": "model",
             "created": 0,
             "owned_by": "precision-serving",
-            "variants": {
-                name: {"precision": v.precision, "provenance": core.provenance.get(name)}
-                for name, v in core.config.variants.items()
-            },
+            "variants": await core.describe_variants(),
         }
         return JSONResponse({"object": "list", "data": [card]})
 
@@ -410,7 +436,7 @@ def create_app(core_of: Callable[[], RouterCore], startup: list[Hook] | None = N
     @app.get("/ready")
     async def ready() -> JSONResponse:
         core = core_of()
-        states = {name: await client.healthy() for name, client in core.variants.items()}
+        states = await core.readiness.check(core.variants)
         status = 200 if all(states.values()) else 503
         return JSONResponse({"ready": status == 200, "variants": states}, status_code=status)
 

@@ -18,7 +18,13 @@ Kind = Literal["chat", "completions"]
 class VariantClient(Protocol):
     def call(self, kind: Kind, request: Any) -> AsyncIterator[Any]: ...
 
-    async def healthy(self) -> bool: ...
+    async def healthy(self) -> bool:
+        """Whether the variant answers a real one-token generation now."""
+        ...
+
+    async def describe(self) -> dict[str, Any]:
+        """What the variant's engine runs: activation dtype and why, linear kernels, start-up seconds."""
+        ...
 
 
 class RayVariant:
@@ -34,10 +40,14 @@ class RayVariant:
 
     async def healthy(self) -> bool:
         try:
-            await self._unary.check_health.remote()
+            await self._unary.generate_one_token.remote()
         except Exception:
             return False
         return True
+
+    async def describe(self) -> dict[str, Any]:
+        facts: dict[str, Any] = await self._unary.describe.remote()
+        return facts
 
 
 class FakeVariant:
@@ -54,6 +64,7 @@ class FakeVariant:
         self.error_status = error_status
         self.delay_s = delay_s
         self.requests: list[Any] = []
+        self.health_checks = 0
 
     @staticmethod
     def words(kind: Kind, request: Any) -> list[str]:
@@ -113,4 +124,12 @@ class FakeVariant:
             yield CompletionResponse(choices=[choice], **extra)
 
     async def healthy(self) -> bool:
+        self.health_checks += 1
+        if self.delay_s:
+            import asyncio
+
+            await asyncio.sleep(self.delay_s)
         return self.fail is None
+
+    async def describe(self) -> dict[str, Any]:
+        return {"variant": self.name, "dtype": "float16", "dtype_reason": "a fake", "linear_kernels": ["FakeLinear"]}

@@ -1,12 +1,12 @@
 """Loads one variant folder in a real vLLM engine and reports what the engine sees: the quantization
-it detected, the quantization scheme of its linear layers, and greedy completions of a fixed prompt set.
+it detected, the activation dtype chosen for this hardware (`serving.hardware`, as the served engines
+choose it), the kernel behind each kind of linear layer, and greedy completions of a fixed prompt set.
 
 Run as a child process (vLLM spawns its engine process, so this needs its own `__main__`):
 
     python -m serving.models.probe VARIANT_DIR report.json
 
-`compare` then turns two reports into token agreement, the offline evaluation used by the tests
-and by `serving models eval`.
+`token_agreement` then turns two reports into the offline agreement measure the tests use.
 """
 
 from __future__ import annotations
@@ -30,29 +30,34 @@ def prompts() -> list[str]:
     return [" ".join(p.split()[:10]) for p in paragraphs[::step][:NUM_PROMPTS]]
 
 
-def linear_schemes(model: Any) -> list[str]:
-    """Names of the quantization schemes (compressed-tensors) or methods the model's layers use."""
-    found = set()
-    for module in model.modules():
-        scheme = getattr(module, "scheme", None)
-        if scheme is not None:
-            found.add(type(scheme).__name__)
-        elif hasattr(module, "quant_method") and module.quant_method is not None:
-            found.add(type(module.quant_method).__name__)
-    return sorted(found)
-
-
 def probe(folder: Path) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=str(folder), max_model_len=512, seed=0, enforce_eager=True)
+    from serving import hardware
+    from serving.kernels import WORKER_EXTENSION, merge
+    from serving.models import manifest
+
+    # The same dtype choice the served engines take, from the same capability probe.
+    capabilities = hardware.detect()
+    precision = manifest.read_manifest(folder)["precision"]
+    choice = hardware.choose_dtype(precision, hardware.weights_dtype(folder), capabilities)
+    llm = LLM(
+        model=str(folder),
+        max_model_len=512,
+        seed=0,
+        enforce_eager=True,
+        dtype=choice.dtype,
+        worker_extension_cls=WORKER_EXTENSION,
+    )
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outputs = llm.generate(prompts(), params, use_tqdm=False)
     return {
         "folder": str(folder),
+        "hardware": capabilities.as_dict(),
+        "dtype_choice": {"dtype": choice.dtype, "reason": choice.reason},
         "engine_quantization": llm.llm_engine.model_config.quantization,
         "engine_dtype": str(llm.llm_engine.model_config.dtype).removeprefix("torch."),
-        "linear_schemes": sorted({s for worker in llm.apply_model(linear_schemes) for s in worker}),
+        "linear_kernels": merge(llm.collective_rpc("linear_kernels")),
         "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
         "texts": [o.outputs[0].text for o in outputs],
     }
@@ -72,12 +77,7 @@ def run_probe(folder: Path, python: str = sys.executable) -> dict[str, Any]:
     import subprocess
     import tempfile
 
-    env = {
-        **os.environ,
-        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-        # apply_model ships a function to the engine process, which needs pickle over its RPC.
-        "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
-    }
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     with tempfile.TemporaryDirectory() as scratch:
         report_path = Path(scratch) / "report.json"
         done = subprocess.run(
@@ -94,7 +94,4 @@ def run_probe(folder: Path, python: str = sys.executable) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    # Through the module, not __main__: apply_model pickles `linear_schemes` by its importable name.
-    from serving.models import probe as importable
-
-    Path(sys.argv[2]).write_text(json.dumps(importable.probe(Path(sys.argv[1]))))
+    Path(sys.argv[2]).write_text(json.dumps(probe(Path(sys.argv[1]))))

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from serving import hardware
 from serving.models import build, family, manifest, probe
 
 pytestmark = pytest.mark.integration
@@ -16,6 +17,7 @@ RESULTS = Path(__file__).resolve().parents[2] / "results"
 
 # The scheme class vLLM's compressed-tensors integration picks for each variant's linear layers.
 EXPECTED_SCHEME = {"int8": "CompressedTensorsW8A8Int8", "awq": "CompressedTensorsWNA16"}
+EXPECTED_KERNEL_PATHS = {"int8": ("sgl", "onednn"), "awq": ("isa=amx", "isa=vec")}
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +62,20 @@ def test_engine_reports_the_declared_quantization(
     declared = manifest.read_manifest(demo_family / variant.folder)
     report = reports[variant.name]
     assert report["engine_quantization"] == declared["vllm_quantization"]
-    assert report["engine_dtype"] == "float16"
-    compressed = [s for s in report["linear_schemes"] if s.startswith("CompressedTensorsW")]
+    # The engine runs the dtype chosen for this machine's hardware, whichever branch that is.
+    capabilities = hardware.Capabilities(**{**report["hardware"], "cuda_capability": None})
+    expected = hardware.choose_dtype(variant.precision, "float16", capabilities)
+    assert report["engine_dtype"] == report["dtype_choice"]["dtype"] == expected.dtype
+    schemes = {kernel.split("/")[0] for kernel in report["linear_kernels"]}
+    compressed = [s for s in schemes if s.startswith("CompressedTensorsW")]
     if variant is family.FP16:
         assert compressed == []
-        assert "UnquantizedLinearMethod" in report["linear_schemes"]
+        assert "UnquantizedLinearMethod" in schemes
     else:
         assert compressed == [EXPECTED_SCHEME[variant.name]]
+        # and vLLM names the kernel it took: int8 "sgl" (AMX) or "onednn"; awq an ISA ("amx" or "vec")
+        (kernel,) = [k for k in report["linear_kernels"] if k.startswith(EXPECTED_SCHEME[variant.name])]
+        assert kernel.split("/")[-1] in EXPECTED_KERNEL_PATHS[variant.name], kernel
     assert all(len(ids) == probe.MAX_TOKENS for ids in report["token_ids"])
 
 

@@ -130,6 +130,25 @@ async def test_models_lists_one_model_with_its_variants(client: httpx.AsyncClien
     assert [m["id"] for m in listing["data"]] == ["demo-chat"]
     assert listing["data"][0]["variants"]["awq"]["precision"] == "awq"
     assert listing["data"][0]["variants"]["fp16"]["provenance"] == {"weights": "x"}
+    # what each engine reports of itself: the activation dtype chosen for its hardware, and why
+    assert listing["data"][0]["variants"]["int8"]["dtype"] == "float16"
+    assert listing["data"][0]["variants"]["int8"]["dtype_reason"] == "a fake"
+    assert listing["data"][0]["variants"]["int8"]["linear_kernels"] == ["FakeLinear"]
+
+
+async def test_models_still_lists_a_variant_whose_engine_does_not_answer(
+    client: httpx.AsyncClient, core: RouterCore
+) -> None:
+    core.variants["awq"] = FakeVariant("awq")
+    core.variants["awq"].describe = broken  # type: ignore[method-assign]
+    listing = (await client.get("/v1/models", headers=key("demo-premium"))).json()
+    awq = listing["data"][0]["variants"]["awq"]
+    assert (awq["precision"], awq["dtype"]) == ("awq", None)
+    assert core.engine_facts.keys() == {"fp16", "int8"}  # awq is asked again next time
+
+
+async def broken() -> dict[str, str]:
+    raise RuntimeError("replica starting")
 
 
 async def test_applying_a_config_changes_routing_in_place(core: RouterCore, client: httpx.AsyncClient) -> None:

@@ -1,0 +1,111 @@
+"""Which activation dtype each variant is served with, chosen from what this machine's hardware can run.
+
+vLLM picks its kernels from the CPU's or GPU's features, and some kernels lack some dtypes: on CPUs with
+AMX tiles (Sapphire Rapids and newer) vLLM routes INT8 W8A8 to its SGL kernel, which has no float16
+output and aborts on the first generation (STACK.md quirk 10). So the dtype is decided here, in one
+place, from a capability probe that tests replace with a fake:
+
+    detect() -> Capabilities -> choose_dtype(precision, weights dtype, capabilities, pinned) -> DtypeChoice
+
+Used by the engines the application deploys and by the offline probe the tests run, so both take the
+same choice. A config may pin a variant's dtype (`variants.NAME.dtype`); a pin always wins.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+Dtype = Literal["float16", "bfloat16", "float32"]
+DTYPES: tuple[Dtype, ...] = ("float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the kernels vLLM chooses depend on; read by `detect`, faked in tests."""
+
+    accelerator: Literal["cpu", "cuda"]
+    device: str  # the CPU model, or the GPU's name
+    amx: bool = False  # AMX tiles: vLLM's SGL int8 and AMX WNA16 kernels
+    avx512: bool = False
+    avx512_bf16: bool = False
+    cuda_capability: tuple[int, int] | None = None  # (major, minor) of the first GPU
+
+    @property
+    def bf16(self) -> bool:
+        """Whether bfloat16 is a native compute type (GPUs from Ampere, compute capability 8.0, on)."""
+        if self.accelerator == "cuda":
+            return self.cuda_capability is not None and self.cuda_capability >= (8, 0)
+        return True  # vLLM's CPU backend runs bfloat16 on every x86 and Arm CPU it supports
+
+    def describe(self) -> str:
+        if self.accelerator == "cuda":
+            major, minor = self.cuda_capability or (0, 0)
+            return f"GPU {self.device} (compute capability {major}.{minor})"
+        features = [name for name in ("amx", "avx512", "avx512_bf16") if getattr(self, name)] or ["no AVX-512"]
+        return f"CPU {self.device} ({', '.join(features)})"
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    dtype: Dtype
+    reason: str
+
+
+def cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def detect() -> Capabilities:
+    """Reads this machine's capabilities with the same torch calls vLLM's kernel selection uses."""
+    import torch
+
+    if torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability(0)
+        return Capabilities("cuda", torch.cuda.get_device_name(0), cuda_capability=(capability[0], capability[1]))
+    cpu = torch.cpu
+    return Capabilities(
+        "cpu",
+        cpu_model_name(),
+        amx=bool(cpu._is_amx_tile_supported()),
+        avx512=bool(cpu._is_avx512_supported()),
+        avx512_bf16=bool(cpu._is_avx512_bf16_supported()),
+    )
+
+
+def weights_dtype(model_dir: Path) -> Dtype:
+    """The dtype the model's weights were saved in (config.json), float16 when it does not say."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "float16"
+    found = config.get("torch_dtype") or config.get("dtype") or "float16"
+    return found if found in DTYPES else "float16"
+
+
+def choose_dtype(precision: str, saved: Dtype, capabilities: Capabilities, pinned: Dtype | None = None) -> DtypeChoice:
+    """The activation dtype to serve a variant with: its weights' own dtype, unless the hardware
+    cannot run that for this precision."""
+    if pinned is not None:
+        return DtypeChoice(pinned, "pinned in the config")
+    if capabilities.accelerator == "cpu":
+        if precision == "int8" and capabilities.amx and saved != "bfloat16":
+            return DtypeChoice(
+                "bfloat16", "AMX CPU: vLLM's SGL int8 kernel has no float16 output, so int8 runs in bfloat16"
+            )
+        return DtypeChoice(saved, f"the weights' own dtype ({capabilities.describe()})")
+    if saved == "bfloat16" and not capabilities.bf16:
+        return DtypeChoice("float16", "this GPU has no bfloat16 (compute capability below 8.0)")
+    return DtypeChoice(saved, f"the weights' own dtype ({capabilities.describe()})")

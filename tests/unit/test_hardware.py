@@ -1,0 +1,116 @@
+"""Every branch of the activation-dtype choice, with the capability probe faked: the machine running
+the tests can take only one branch for real (the integration tests check that one on real engines)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from serving import hardware
+from serving.hardware import Capabilities, choose_dtype
+
+AMX_CPU = Capabilities("cpu", "Intel Xeon Platinum 8480+", amx=True, avx512=True, avx512_bf16=True)
+AVX512_CPU = Capabilities("cpu", "AMD EPYC 9554", avx512=True, avx512_bf16=True)
+AVX2_CPU = Capabilities("cpu", "AMD EPYC 7B12")
+AMPERE = Capabilities("cuda", "NVIDIA A100", cuda_capability=(8, 0))
+TURING = Capabilities("cuda", "Tesla T4", cuda_capability=(7, 5))
+
+
+def test_int8_on_an_amx_cpu_runs_in_bfloat16() -> None:
+    choice = choose_dtype("int8", "float16", AMX_CPU)
+    assert choice.dtype == "bfloat16"
+    assert "AMX" in choice.reason
+    assert "SGL" in choice.reason
+
+
+@pytest.mark.parametrize("precision", ["fp16", "awq"])
+def test_other_precisions_on_an_amx_cpu_keep_the_weights_dtype(precision: str) -> None:
+    assert choose_dtype(precision, "float16", AMX_CPU).dtype == "float16"
+
+
+@pytest.mark.parametrize("cpu", [AVX512_CPU, AVX2_CPU], ids=["avx512", "avx2"])
+@pytest.mark.parametrize("precision", ["fp16", "int8", "awq"])
+def test_cpus_without_amx_keep_the_weights_dtype(cpu: Capabilities, precision: str) -> None:
+    choice = choose_dtype(precision, "float16", cpu)
+    assert choice.dtype == "float16"
+    assert cpu.device in choice.reason
+
+
+def test_bfloat16_weights_stay_bfloat16_on_an_amx_cpu() -> None:
+    assert choose_dtype("int8", "bfloat16", AMX_CPU).dtype == "bfloat16"
+
+
+def test_a_gpu_without_bfloat16_serves_bfloat16_weights_in_float16() -> None:
+    choice = choose_dtype("bf16", "bfloat16", TURING)
+    assert choice.dtype == "float16"
+    assert "8.0" in choice.reason
+
+
+@pytest.mark.parametrize(("saved", "gpu"), [("bfloat16", AMPERE), ("float16", AMPERE), ("float16", TURING)])
+def test_a_gpu_that_can_run_the_weights_dtype_keeps_it(saved: hardware.Dtype, gpu: Capabilities) -> None:
+    assert choose_dtype("int8", saved, gpu).dtype == saved
+
+
+@pytest.mark.parametrize("capabilities", [AMX_CPU, AVX2_CPU, AMPERE, TURING])
+def test_a_pin_in_the_config_always_wins(capabilities: Capabilities) -> None:
+    choice = choose_dtype("int8", "float16", capabilities, pinned="float32")
+    assert (choice.dtype, choice.reason) == ("float32", "pinned in the config")
+
+
+def test_descriptions_name_the_features_that_decide() -> None:
+    assert AMX_CPU.describe() == "CPU Intel Xeon Platinum 8480+ (amx, avx512, avx512_bf16)"
+    assert AVX2_CPU.describe() == "CPU AMD EPYC 7B12 (no AVX-512)"
+    assert TURING.describe() == "GPU Tesla T4 (compute capability 7.5)"
+    assert not TURING.bf16
+    assert AMPERE.bf16
+    assert AVX2_CPU.bf16
+
+
+def fake_torch(monkeypatch: pytest.MonkeyPatch, *, cuda: tuple[int, int] | None, amx: bool) -> None:
+    cpu = types.SimpleNamespace(
+        _is_amx_tile_supported=lambda: amx,
+        _is_avx512_supported=lambda: True,
+        _is_avx512_bf16_supported=lambda: amx,
+    )
+    gpu = types.SimpleNamespace(
+        is_available=lambda: cuda is not None,
+        get_device_capability=lambda index: cuda,
+        get_device_name=lambda index: "NVIDIA H100",
+    )
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cpu=cpu, cuda=gpu))
+
+
+def test_detect_reads_the_cpu_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_torch(monkeypatch, cuda=None, amx=True)
+    found = hardware.detect()
+    assert (found.accelerator, found.amx, found.avx512, found.avx512_bf16) == ("cpu", True, True, True)
+    assert choose_dtype("int8", "float16", found).dtype == "bfloat16"
+
+
+def test_detect_prefers_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_torch(monkeypatch, cuda=(9, 0), amx=True)
+    found = hardware.detect()
+    assert found == Capabilities("cuda", "NVIDIA H100", cuda_capability=(9, 0))
+
+
+def test_detect_on_this_machine_agrees_with_torch() -> None:
+    import torch
+
+    found = hardware.detect()
+    if found.accelerator == "cpu":
+        assert found.amx == torch.cpu._is_amx_tile_supported()
+        assert found.device
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [({"torch_dtype": "bfloat16"}, "bfloat16"), ({"dtype": "float32"}, "float32"), ({}, "float16"), (None, "float16")],
+)
+def test_weights_dtype_comes_from_config_json(tmp_path: Path, config: dict[str, str] | None, expected: str) -> None:
+    if config is not None:
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    assert hardware.weights_dtype(tmp_path) == expected
