@@ -95,7 +95,7 @@ def llm_config(model: str, name: str, path: str, max_model_len: int, *, gpu: boo
         # and would wait for one forever (STACK.md quirk 4).
         placement_group_config=None if gpu else {"bundles": [{"CPU": 1}]},
         runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GIB)}},
-        # The dtype is set by VariantServer on the engine's own node, from that node's hardware.
+        # dtype and enforce_eager are set by VariantServer on the engine's own node, from its hardware.
         engine_kwargs={
             "max_model_len": max_model_len,
             "enable_log_requests": False,
@@ -129,7 +129,12 @@ def build_app(config: Config, *, gpu: bool) -> Any:
             llm_config(config.model, name, str(v.path), v.max_model_len, gpu=gpu),
             name_prefix="",
             deployment_cls=VariantServer,
-            bind_kwargs={"variant": name, "precision": v.precision, "pinned_dtype": v.dtype},
+            bind_kwargs={
+                "variant": name,
+                "precision": v.precision,
+                "pinned_dtype": v.dtype,
+                "pinned_compile": v.compile,
+            },
         )
         for name, v in config.variants.items()
     }

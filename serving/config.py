@@ -34,6 +34,9 @@ class VariantConfig(Strict):
     dtype: Dtype | None = Field(
         None, description="activation dtype; by default chosen from the hardware (serving.hardware.choose_dtype)"
     )
+    compile: bool | None = Field(
+        None, description="torch.compile the model; by default on GPUs only (serving.hardware.choose_compile)"
+    )
 
 
 class ShadowConfig(Strict):

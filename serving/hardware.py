@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -68,6 +69,36 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# The CPU features that decide which kernels vLLM and the quantizers take (and so their numerics).
+KERNEL_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def host() -> dict[str, object]:
+    """The machine something was built on, as a provenance manifest records it. Standard library only
+    (the quantization environment calls it); names the GPU only where torch is already loaded."""
+    found: dict[str, object] = {
+        "machine": platform.machine(),
+        "system": f"{platform.system()} {platform.release()}",
+        "cpu": cpu_model_name(),
+        "cpu_flags": sorted(cpu_flags() & set(KERNEL_CPU_FLAGS)),
+        "gpu": None,
+    }
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        found["gpu"] = torch.cuda.get_device_name(0)
+    return found
+
+
 def detect() -> Capabilities:
     """Reads this machine's capabilities with the same torch calls vLLM's kernel selection uses."""
     import torch
@@ -109,3 +140,15 @@ def choose_dtype(precision: str, saved: Dtype, capabilities: Capabilities, pinne
     if saved == "bfloat16" and not capabilities.bf16:
         return DtypeChoice("float16", "this GPU has no bfloat16 (compute capability below 8.0)")
     return DtypeChoice(saved, f"the weights' own dtype ({capabilities.describe()})")
+
+
+def choose_compile(capabilities: Capabilities, pinned: bool | None = None) -> bool:
+    """Whether vLLM compiles the model (torch.compile, CUDA graphs) or runs it eagerly.
+
+    On GPUs compiling is what makes decoding fast. On CPUs it cost about a minute and a half of start-up
+    for three tiny engines on 2 cores, and gave no measurable throughput (README, "Start-up"), so CPU
+    engines run eagerly unless the config pins `compile: true`.
+    """
+    if pinned is not None:
+        return pinned
+    return capabilities.accelerator == "cuda"

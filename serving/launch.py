@@ -1,11 +1,19 @@
 """Starts Ray and Ray Serve on this machine, serves the configured application, and stops everything
-on Ctrl-C; `apply` hands a changed config file to the running application."""
+on Ctrl-C; `apply` hands a changed config file to the running application.
+
+The terminal shows what an operator needs: one line per engine as it comes up (precision, activation
+dtype, seconds), then where to reach the stack. Everything else (Ray's, Serve's and vLLM's own logs)
+stays in Ray's session log folder, whose path is printed once.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import signal
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +24,13 @@ logger = logging.getLogger(__name__)
 # Ray's logical CPUs, not the machine's: each engine replica holds one, and on a 2-core machine the
 # ingress would otherwise wait forever for a CPU (STACK.md quirk 8).
 RAY_LOGICAL_CPUS = 12
+STARTUP_POLL_S = 0.5
+# Loggers that print to the driver's terminal while the stack starts; their records stay in Ray's files.
+CHATTY_LOGGERS = ("ray", "ray.serve", "ray.llm", "vllm", "serving.app")
+
+
+class StartupFailed(RuntimeError):
+    """A deployment of the application failed to start; the message says which and why."""
 
 
 def has_gpu() -> bool:
@@ -34,42 +49,153 @@ def check_variants_exist(config: Config) -> None:
         raise ConfigError(f"these variants have no model at their path: {', '.join(missing)}")
 
 
+def quiet_terminal() -> None:
+    """Keeps library logs off the terminal: warnings and errors still show, as plain text."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.disable(logging.INFO)  # in this process only; replicas keep logging to Ray's files
+    # Some set up their own handler and level per module (ray.serve.ray.llm...), so every one is set.
+    for name in [*CHATTY_LOGGERS, *logging.root.manager.loggerDict]:
+        if name.split(".")[0] in ("ray", "vllm") or name in CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def say(self, text: str) -> None:
+        print(f"[{self.seconds():4.0f} s] {text}", flush=True)
+
+
 def serve(config_path: Path) -> int:
+    clock = Clock()
+    config = load_config(config_path)
+    check_variants_exist(config)
+    quiet_terminal()
+
     import ray
     from ray import serve as ray_serve
 
-    from serving.app import APP_NAME, build_app
     from serving.rollout.controller import NAMESPACE
 
-    config = load_config(config_path)
-    check_variants_exist(config)
-    started = time.monotonic()
-    # Replica logs stay in Ray's session log folder; the terminal shows what an operator needs.
-    ray.init(num_cpus=RAY_LOGICAL_CPUS, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
+    # The application module imports vLLM (about 6 s on 2 cores); do that while Ray starts its processes.
+    importing = threading.Thread(target=importlib.import_module, args=("serving.app",), daemon=True)
+    importing.start()
+    clock.say(f"starting Ray and {len(config.variants)} engines ({', '.join(config.variants)}) ...")
+    context = ray.init(
+        num_cpus=RAY_LOGICAL_CPUS,
+        namespace=NAMESPACE,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.ERROR,
+    )
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     # Ctrl-C must stop the stack even where the shell started us with SIGINT ignored (e.g. with `&`).
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    status = 0
     try:
+        clock.say(f"logs of Ray, the router and every engine: {Path(context.address_info['session_dir']) / 'logs'}")
         ray_serve.start(http_options={"host": config.server.host, "port": config.server.port})
-        print(f"starting {len(config.variants)} engines and the router (a minute or two) ...", flush=True)
-        ray_serve.run(build_app(config, gpu=has_gpu()), name=APP_NAME, route_prefix="/")
-        base = f"http://{config.server.host}:{config.server.port}"
-        print(
-            f"serving {config.model!r} at {base}/v1 (variants: {', '.join(config.variants)}); "
-            f"ready in {time.monotonic() - started:.0f} s.\n"
-            f"metrics: http://{config.observability.metrics_host}:{config.observability.metrics_port}/metrics\n"
-            f"change weights: edit {config_path} and run `.venv/bin/serving apply {config_path}`. "
-            "Ctrl-C stops.",
-            flush=True,
-        )
+        importing.join()
+        quiet_terminal()  # again: Serve and Ray Serve LLM set their loggers' levels as they start
+        deploy(config, clock)
+        print_ready(config, config_path, clock)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("stopping ...", flush=True)
+    except StartupFailed as exc:
+        print(f"error: {exc}", flush=True)
+        status = 1
     finally:
         ray_serve.shutdown()
         ray.shutdown()
-    return 0
+    return status
+
+
+def deploy(config: Config, clock: Clock) -> None:
+    """Deploys the application and prints a line per deployment as it becomes ready."""
+    from ray import serve as ray_serve
+
+    from serving.app import APP_NAME, build_app, variant_deployment
+
+    app = build_app(config, gpu=has_gpu())
+    ray_serve.run_many([ray_serve.RunTarget(app, name=APP_NAME, route_prefix="/")], wait_for_applications_running=False)
+    names = {variant_deployment(name): name for name in config.variants}
+    watch(lambda: deployment_states(APP_NAME), names, clock, describe=lambda name: engine_facts(APP_NAME, name))
+
+
+def deployment_states(app_name: str) -> tuple[str, dict[str, tuple[str, str]]]:
+    """The application's status and, per deployment, its status and message."""
+    from ray import serve as ray_serve
+
+    found = ray_serve.status().applications.get(app_name)
+    if found is None:
+        return "NOT_STARTED", {}
+    deployments = {name: (str(d.status.value), d.message) for name, d in found.deployments.items()}
+    return str(found.status.value), deployments
+
+
+def engine_facts(app_name: str, deployment: str) -> dict[str, Any]:
+    from ray import serve as ray_serve
+
+    facts: dict[str, Any] = ray_serve.get_deployment_handle(deployment, app_name).describe.remote().result(timeout_s=30)
+    return facts
+
+
+def watch(
+    states: Callable[[], tuple[str, dict[str, tuple[str, str]]]],
+    engines: dict[str, str],
+    clock: Clock,
+    *,
+    describe: Callable[[str], dict[str, Any]],
+) -> None:
+    """Polls until the application runs, printing each deployment once when it turns healthy;
+    raises `StartupFailed` with Serve's message when one cannot start."""
+    reported: set[str] = set()
+    while True:
+        app_status, deployments = states()
+        for deployment, (status, message) in deployments.items():
+            engine = next((name for suffix, name in engines.items() if deployment.endswith(suffix)), None)
+            if status in ("DEPLOY_FAILED", "UNHEALTHY") or app_status == "DEPLOY_FAILED":
+                what = f"engine {engine}" if engine else deployment
+                raise StartupFailed(f"{what} did not start: {message or app_status}")
+            if status == "HEALTHY" and deployment not in reported:
+                reported.add(deployment)
+                clock.say(engine_line(engine, describe(deployment)) if engine else f"{deployment.lower()} ready")
+        if app_status == "RUNNING":
+            return
+        time.sleep(STARTUP_POLL_S)
+
+
+def engine_line(engine: str, facts: dict[str, Any]) -> str:
+    kernels = ", ".join(k.split("/", 1)[-1] for k in facts.get("linear_kernels", []) if "/" in k)
+    return (
+        f"engine {engine:<6} ready: {facts.get('precision')}, {facts.get('dtype')} activations"
+        f"{', kernels ' + kernels if kernels else ''}"
+        f" (engine {facts.get('engine_start_s')} s, warm-up {facts.get('warm_up_s')} s)"
+    )
+
+
+def print_ready(config: Config, config_path: Path, clock: Clock) -> None:
+    base = f"http://{config.server.host}:{config.server.port}"
+    metrics = f"http://{config.observability.metrics_host}:{config.observability.metrics_port}/metrics"
+    clock.say(f"ready: serving {config.model!r} at {base}/v1")
+    print(
+        f"  keys       see README (demo keys: demo-premium, demo-standard, demo-batch, demo-admin)\n"
+        f"  try        curl {base}/v1/chat/completions -H 'authorization: Bearer demo-premium' "
+        f"-H 'content-type: application/json' "
+        f"""-d '{{"model": "{config.model}", "messages": [{{"role": "user", "content": "Hello"}}]}}'\n"""
+        f"  variants   {base}/v1/models (precision, dtype and kernels of each)\n"
+        f"  metrics    {metrics}\n"
+        f"  weights    edit {config_path}, then `.venv/bin/serving apply {config_path}`\n"
+        f"  rollout    `.venv/bin/serving rollout status`\n"
+        "  Ctrl-C stops everything.",
+        flush=True,
+    )
 
 
 def connect() -> Any:

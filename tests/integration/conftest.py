@@ -29,6 +29,7 @@ METRICS_URL = f"http://127.0.0.1:{METRICS_PORT}/metrics"
 class Stack:
     config: Path
     family: Path
+    log: Path  # what `serving serve` printed: the console a person reads
 
 
 def write_config(
@@ -113,7 +114,7 @@ def stack(demo_family: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     try:
         wait_for_http(f"{BASE}/ready", process, log_path, timeout_s=600)
         print(f"stack ready in {time.monotonic() - started:.0f} s")
-        yield Stack(config, demo_family)
+        yield Stack(config, demo_family, log_path)
     finally:
         os.killpg(process.pid, signal.SIGINT)
         try:

@@ -4,11 +4,13 @@ driven with the official openai client."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import httpx
 import openai
 import pytest
 
+from serving import hardware
 from tests.integration.conftest import BASE, Stack, apply_config, served_variants
 
 pytestmark = pytest.mark.integration
@@ -67,6 +69,27 @@ def test_models_lists_the_model_with_variant_provenance(stack: Stack) -> None:
     assert [m.id for m in listing.data] == ["demo-chat"]
     variants = listing.data[0].model_extra["variants"]  # type: ignore[index]
     assert variants["awq"]["provenance"]["quantization"]["scheme"] == "W4A16_ASYM"
+
+
+def test_models_shows_each_engine_dtype_chosen_for_this_hardware(stack: Stack) -> None:
+    variants = client("demo-premium").models.list().data[0].model_extra["variants"]  # type: ignore[index]
+    capabilities = hardware.detect()
+    for name, precision in (("fp16", "fp16"), ("int8", "int8"), ("awq", "awq")):
+        expected = hardware.choose_dtype(precision, "float16", capabilities)
+        assert (variants[name]["precision"], variants[name]["dtype"]) == (precision, expected.dtype)
+        assert variants[name]["dtype_reason"] == expected.reason
+    (int8_kernel,) = [k for k in variants["int8"]["linear_kernels"] if k.startswith("CompressedTensorsW8A8Int8")]
+    assert int8_kernel.rsplit("/", 1)[-1] == ("sgl" if capabilities.amx else "onednn")
+
+
+def test_the_console_shows_progress_per_engine_and_no_library_logs(stack: Stack) -> None:
+    console = stack.log.read_text()
+    for name, precision in (("fp16", "fp16"), ("int8", "int8"), ("awq", "awq")):
+        assert re.search(rf"\] engine {name} +ready: {precision}, (float16|bfloat16) activations", console), console
+    assert "ready: serving 'demo-chat' at http://127.0.0.1:" in console
+    assert "logs of Ray, the router and every engine: /" in console
+    for noise in ('{"asctime"', "Deployment Options", "Triton", "INFO", "Traceback"):
+        assert noise not in console, f"{noise!r} on the console:\n{console}"
 
 
 def test_errors_are_openai_shaped_with_the_right_status(stack: Stack) -> None:

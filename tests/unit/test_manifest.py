@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from serving import hardware
 from serving.models import manifest
 
 
@@ -57,12 +58,15 @@ def test_written_manifest_reads_back_and_detects_tampering(tmp_path: Path) -> No
         "quantization": {"method": "gptq", "scheme": "W8A8"},
         "calibration": {"num_samples": 4},
         "tools": manifest.tool_versions("pytest", "surely-not-installed-dist"),
-        "hardware_target": "cpu",
     }
     written = manifest.write_manifest(tmp_path, fields)
     found = manifest.read_manifest(tmp_path, verify_weights=True)
     assert found == written
     assert found["tools"]["surely-not-installed-dist"] == "not installed"
+    # the machine it was built on: quantized weights are reproducible on that machine, not across CPUs
+    assert found["built_on"]["cpu"]
+    assert found["built_on"]["machine"]
+    assert set(found["built_on"]["cpu_flags"]) <= set(hardware.KERNEL_CPU_FLAGS)
     assert found["tools"]["pytest"] != "not installed"
 
     write_safetensors(tmp_path / "model.safetensors", {"w": b"\x05\x07"})
