@@ -1,11 +1,12 @@
-"""Time from `serving serve` to the first answer, measured the way a user meets it, several times.
+"""Time from `make serve` to the first answer, measured the way a user meets it, several times.
 
-    .venv/bin/python loadtests/startup.py [--runs 3] [--config deploy/demo.yaml] [--out results/startup.json]
+    .venv/bin/python loadtests/startup.py [--runs 3] [--command "make serve"] [--out results/startup.json]
 
-Each run starts the stack as `make serve` does (the models must be built: `make models`), asks for a
-one-token chat completion every half second until one is answered, then stops the stack with SIGINT
-(Ctrl-C) and waits for it to exit. Every line the stack prints is kept with its second since start,
-so the progress lines show where the time went. The results are written as JSON.
+Each run starts the command (by default `make serve`, which checks the install and the models first;
+build them once beforehand with `make models`), asks for a one-token chat completion every half second
+until one is answered, then presses Ctrl-C (SIGINT to the command's process group, as a terminal does)
+and waits for everything to exit. Every line the stack prints is kept with its second since start, so
+the progress lines show where the time went. The results are written as JSON.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import json
 import os
 import queue
+import shlex
 import signal
 import statistics
 import subprocess
@@ -56,7 +58,7 @@ def one_run(command: list[str], base: str, key: str, timeout_s: float) -> dict[s
             time.sleep(0.5)
     finally:
         stop_at = time.monotonic()
-        process.send_signal(signal.SIGINT)
+        os.killpg(process.pid, signal.SIGINT)
         try:
             process.wait(timeout=120)
         except subprocess.TimeoutExpired:
@@ -77,14 +79,14 @@ def one_run(command: list[str], base: str, key: str, timeout_s: float) -> dict[s
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--config", type=Path, default=Path("deploy/demo.yaml"))
+    parser.add_argument("--command", default="make serve", help="what starts the stack (default: %(default)s)")
     parser.add_argument("--base", default="http://127.0.0.1:8000")
     parser.add_argument("--key", default="demo-premium")
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--label", default="current", help="a name for this series in the results file")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "startup.json")
     args = parser.parse_args()
-    command = [sys.executable, "-m", "serving.cli", "serve", "--config", str(args.config)]
+    command = shlex.split(args.command)
     runs = []
     for index in range(args.runs):
         run = one_run(command, args.base, args.key, args.timeout)

@@ -12,7 +12,7 @@ from typing import Any
 from ray import serve
 
 from serving.config import Config
-from serving.engine import VariantServer
+from serving.engine import Placement, VariantServer
 from serving.kernels import WORKER_EXTENSION
 from serving.models import manifest
 from serving.rollout.controller import controller
@@ -22,7 +22,7 @@ from serving.variants import RayVariant
 logger = logging.getLogger("serving.app")
 
 APP_NAME = "serving"
-KV_CACHE_GIB = "1"  # STACK.md quirk 9: the CPU default reserves far more than tiny models need
+KV_CACHE_GIB = "1"  # GiB per engine: the CPU default reserves far more than tiny models need
 SYNC_INTERVAL_S = 0.5
 
 
@@ -92,7 +92,7 @@ def llm_config(model: str, name: str, path: str, max_model_len: int, *, gpu: boo
         # Every variant serves the same model name, so engine answers carry the name clients asked for.
         model_loading_config={"model_id": model, "model_source": path},
         # Without a GPU, a CPU bundle makes Ray infer a CPU deployment; the default asks for a GPU
-        # and would wait for one forever (STACK.md quirk 4).
+        # and would wait for one forever.
         placement_group_config=None if gpu else {"bundles": [{"CPU": 1}]},
         runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GIB)}},
         # dtype and enforce_eager are set by VariantServer on the engine's own node, from its hardware.
@@ -124,6 +124,7 @@ def build_app(config: Config, *, gpu: bool) -> Any:
     """The application for `serve.run`; the config's variant paths must already be resolved."""
     from ray.serve.llm import build_llm_deployment
 
+    cpu_engines = 1 if gpu else len(config.variants)  # on CPU, the demo's engines share one node
     handles = {
         name: build_llm_deployment(
             llm_config(config.model, name, str(v.path), v.max_model_len, gpu=gpu),
@@ -134,8 +135,9 @@ def build_app(config: Config, *, gpu: bool) -> Any:
                 "precision": v.precision,
                 "pinned_dtype": v.dtype,
                 "pinned_compile": v.compile,
+                "placement": Placement(0 if gpu else index, cpu_engines),
             },
         )
-        for name, v in config.variants.items()
+        for index, (name, v) in enumerate(config.variants.items())
     }
     return Router.bind(config.model_dump_json(), handles, provenance_of(config))  # type: ignore[attr-defined]

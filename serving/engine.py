@@ -7,20 +7,31 @@ to the engine directly, never through the router, so it counts in no router metr
 
 Start-up is kept short (README, "Start-up"): the activation dtype and torch.compile are chosen here
 from this node's hardware (`serving.hardware`); a local model folder skips Ray's per-node download
-task; and a one-process engine runs its model in the engine-core process instead of spawning a
-worker process for it (vLLM's "uni" executor, which Ray Serve LLM does not pick on CPU).
+task; and a one-worker CPU engine runs its model in the engine-core process instead of a worker
+process of its own (`engine_class`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ray.serve.llm import LLMServer
 
-from serving.hardware import Capabilities, Dtype, DtypeChoice, choose_compile, choose_dtype, detect, weights_dtype
+from serving.hardware import (
+    Capabilities,
+    Dtype,
+    DtypeChoice,
+    choose_compile,
+    choose_dtype,
+    cpu_threads_bind,
+    detect,
+    weights_dtype,
+)
 from serving.kernels import merge
 
 logger = logging.getLogger("serving.engine")
@@ -32,11 +43,23 @@ class NotWarm(RuntimeError):
     """The engine did not answer its one-token generation."""
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where this engine sits among the CPU engines that share its node (one, on GPUs)."""
+
+    index: int = 0
+    engines: int = 1
+
+
 def configure(
-    llm_config: Any, precision: str, pinned_dtype: Dtype | None, pinned_compile: bool | None
+    llm_config: Any, precision: str, pinned_dtype: Dtype | None, pinned_compile: bool | None, placement: Placement
 ) -> tuple[Capabilities, DtypeChoice, bool]:
-    """Sets the engine's dtype and compilation from this node's hardware, before the engine starts."""
+    """Sets the engine's dtype, compilation and CPU threads from this node's hardware, before it starts."""
     capabilities = detect()
+    if capabilities.accelerator == "cpu" and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        # Read by vLLM when it starts the engine-core process (see engine_class); an operator's own wins.
+        cpus = sorted(os.sched_getaffinity(0))
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_threads_bind(placement.index, placement.engines, cpus)
     model_dir = Path(llm_config.model_loading_config.model_source)
     choice = choose_dtype(precision, weights_dtype(model_dir), capabilities, pinned_dtype)
     compiled = choose_compile(capabilities, pinned_compile)
@@ -58,9 +81,12 @@ class VariantServer(LLMServer):  # type: ignore[misc]
         precision: str,
         pinned_dtype: Dtype | None = None,
         pinned_compile: bool | None = None,
+        placement: Placement | None = None,
     ) -> None:
         started = time.monotonic()
-        capabilities, choice, compiled = configure(llm_config, precision, pinned_dtype, pinned_compile)
+        capabilities, choice, compiled = configure(
+            llm_config, precision, pinned_dtype, pinned_compile, placement or Placement()
+        )
         await super().__init__(llm_config, engine_cls=engine_class())
         engine_s = time.monotonic() - started
         warm_s = await self.generate_one_token()
@@ -71,6 +97,9 @@ class VariantServer(LLMServer):  # type: ignore[misc]
             "dtype_reason": choice.reason,
             "hardware": capabilities.describe(),
             "compiled": compiled,
+            "cpu_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+            if capabilities.accelerator == "cpu"
+            else None,
             "linear_kernels": await self.linear_kernels(),
             "engine_start_s": round(engine_s, 1),
             "warm_up_s": round(warm_s, 1),
@@ -101,22 +130,39 @@ class VariantServer(LLMServer):  # type: ignore[misc]
         return self.facts
 
 
-def engine_class() -> type:
-    """Ray Serve LLM's vLLM engine, with one-process engines run by vLLM's "uni" executor.
+def engine_class() -> type | None:
+    """Ray Serve LLM's vLLM engine, except that a CPU engine with one worker runs that worker in its
+    engine-core process (vLLM's "uni" executor) instead of spawning one more process for it.
 
-    On CPU Ray Serve LLM always asks vLLM for its multiprocessing executor, which spawns a worker
-    process next to the engine-core process even for a single worker: one more process that imports
-    torch and vLLM and loads the model. `LLMServer` takes the engine class as an argument for exactly
-    this kind of change; the class itself is not exported by `ray.serve.llm`.
+    Ray Serve LLM always asks for vLLM's multiprocessing executor on CPU, which spawns a worker process
+    even for one worker: one more process that imports torch and vLLM, about 30 s of start-up for three
+    engines on 2 cores. That executor exists on CPU to start the worker with its OpenMP settings (thread
+    count, core binding) in the environment; here the engine-core process is started with exactly those
+    settings, computed by vLLM's own `OMPProcessManager` (from `VLLM_CPU_OMP_THREADS_BIND`, which
+    `configure` sets), so the model runs as bound as a worker process would.
+    `LLMServer` takes the engine class as an argument for changes like this one; the class and the
+    OpenMP manager are not exported publicly, so a version without them keeps Ray's default.
     """
-    from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
+    try:
+        from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
+        from vllm.utils.ompmultiprocessing import OMPProcessManager
+    except ImportError:
+        logger.warning("Ray Serve LLM's default engine: this Ray or vLLM lacks what a one-process engine needs")
+        return None  # LLMServer then takes its default
 
     class OneProcessEngine(VLLMEngine):  # type: ignore[misc]
-        def _prepare_engine_config(self, callback_ctx: Any) -> Any:
-            engine_args, frontend_args, vllm_config = super()._prepare_engine_config(callback_ctx)
+        def _start_async_llm_engine(self, engine_args: Any, vllm_config: Any, placement_group: Any) -> Any:
             parallel = vllm_config.parallel_config
-            if parallel.world_size == 1 and parallel.distributed_executor_backend == "mp":
-                parallel.distributed_executor_backend = "uni"
-            return engine_args, frontend_args, vllm_config
+            one_cpu_worker = (
+                vllm_config.device_config.device_type == "cpu"
+                and parallel.world_size == 1
+                and parallel.distributed_executor_backend == "mp"
+            )
+            if not one_cpu_worker:
+                return super()._start_async_llm_engine(engine_args, vllm_config, placement_group)
+            parallel.distributed_executor_backend = "uni"
+            # The engine-core process is spawned inside this call and inherits the environment.
+            with OMPProcessManager(vllm_config).configure_omp_envs(rank=0, local_rank=0):
+                return super()._start_async_llm_engine(engine_args, vllm_config, placement_group)
 
     return OneProcessEngine

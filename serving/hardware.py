@@ -2,8 +2,8 @@
 
 vLLM picks its kernels from the CPU's or GPU's features, and some kernels lack some dtypes: on CPUs with
 AMX tiles (Sapphire Rapids and newer) vLLM routes INT8 W8A8 to its SGL kernel, which has no float16
-output and aborts on the first generation (STACK.md quirk 10). So the dtype is decided here, in one
-place, from a capability probe that tests replace with a fake:
+output and aborts on the first generation (`scale_C: scalar path not implemented!`). So the dtype is
+decided here, in one place, from a capability probe that tests replace with a fake:
 
     detect() -> Capabilities -> choose_dtype(precision, weights dtype, capabilities, pinned) -> DtypeChoice
 
@@ -152,3 +152,21 @@ def choose_compile(capabilities: Capabilities, pinned: bool | None = None) -> bo
     if pinned is not None:
         return pinned
     return capabilities.accelerator == "cuda"
+
+
+def cpu_threads_bind(engine_index: int, engines: int, cpus: list[int]) -> str:
+    """vLLM's `VLLM_CPU_OMP_THREADS_BIND` for engine `engine_index` of `engines` CPU engines on one node.
+
+    vLLM's "auto" binds an engine as if it owned the node, so engines sharing a node all bind the same
+    cores: on 2 cores, the three demo engines all ran on core 0 while core 1 idled. Engines sharing a
+    node get disjoint slices of its CPUs instead, one CPU left over for the router and the engines' API
+    processes; with fewer CPUs than that, none is bound and the OS spreads the engines (Ray starts
+    them with one OpenMP thread each). A single engine keeps vLLM's own binding.
+    """
+    if engines <= 1:
+        return "auto"
+    per_engine = (len(cpus) - 1) // engines
+    if per_engine < 1:
+        return "nobind"
+    mine = cpus[engine_index * per_engine : (engine_index + 1) * per_engine]
+    return ",".join(str(cpu) for cpu in mine)

@@ -8,9 +8,12 @@ stays in Ray's session log folder, whose path is printed once.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +25,7 @@ from serving.config import Config, ConfigError, load_config, variants_differ
 logger = logging.getLogger(__name__)
 
 # Ray's logical CPUs, not the machine's: each engine replica holds one, and on a 2-core machine the
-# ingress would otherwise wait forever for a CPU (STACK.md quirk 8).
+# ingress would otherwise wait forever for a CPU.
 RAY_LOGICAL_CPUS = 12
 STARTUP_POLL_S = 0.5
 # Loggers that print to the driver's terminal while the stack starts; their records stay in Ray's files.
@@ -111,9 +114,22 @@ def serve(config_path: Path) -> int:
         print(f"error: {exc}", flush=True)
         status = 1
     finally:
-        ray_serve.shutdown()
-        ray.shutdown()
+        stop(ray_serve.shutdown, ray.shutdown)
     return status
+
+
+def stop(*steps: Callable[[], None]) -> None:
+    """Runs the shutdown steps. While Serve drains and stops its actors, Ray reports its own retried
+    tasks ("ServeController.graceful_shutdown failed ...") to this terminal, on stdout; that text is
+    shown only if stopping fails."""
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+            for step in steps:
+                step()
+    except BaseException:
+        print(said.getvalue(), file=sys.stderr, end="")
+        raise
 
 
 def deploy(config: Config, clock: Clock) -> None:

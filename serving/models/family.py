@@ -13,7 +13,7 @@ CORPUS_DIR = Path(__file__).parent / "corpus"
 BASE_NAME = "demo-tiny-llama"
 SEED = 1234
 
-# Every Linear input width must divide by 128 for W4A16 with group size 128 (STACK.md quirk 6).
+# Every Linear input width must divide by 128 for W4A16 with group size 128 (llmcompressor refuses other widths).
 ARCHITECTURE = {
     "hidden_size": 256,
     "intermediate_size": 768,

@@ -26,14 +26,15 @@ MAX_SAMPLES = 64
 
 
 def calibration_blocks(tokenizer: Any, seq_len: int, max_samples: int) -> list[list[int]]:
-    """Equal-length token blocks cut from the shipped corpus (STACK.md quirk 7: no ragged batches)."""
+    """Equal-length token blocks cut from the shipped corpus: ragged tokenizer output reached the embedding
+    as floats."""
     ids: list[int] = tokenizer(family.corpus_text(), add_special_tokens=False)["input_ids"]
     blocks = [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
     return blocks[:max_samples]
 
 
 def allow_cpu_only_awq() -> None:
-    """STACK.md quirk 5: on a CPU-only torch, llmcompressor's AWQ pins intermediates to page-locked
+    """On a CPU-only torch, llmcompressor's AWQ pins intermediates to page-locked
     memory, which needs an accelerator. Pinning only speeds up host-to-device copies, so on a machine
     without CUDA it is skipped."""
     import torch

@@ -43,8 +43,8 @@ def test_every_variant_carries_complete_provenance(demo_family: Path) -> None:
 
 
 def test_building_twice_from_scratch_gives_identical_weights(demo_family: Path, tmp_path: Path) -> None:
-    # On one machine. Another CPU gives other int8 and awq hashes (STACK.md quirk 11): its manifests say
-    # which machine built them, and no test compares a hash with a constant.
+    # On one machine. Another CPU gives other int8 and awq hashes (GPTQ and AWQ run on that CPU's kernels):
+    # its manifests say which machine built them, and no test compares a hash with a constant.
     again = build.build_family(tmp_path)
     first = {v.name: manifest.read_manifest(demo_family / v.folder)["weights_sha256"] for v in family.VARIANTS}
     second = {name: found["weights_sha256"] for name, found in again.items()}

@@ -16,7 +16,7 @@ def test_variants_are_the_documented_three() -> None:
 
 
 def test_every_linear_input_width_suits_group_size_128() -> None:
-    # STACK.md quirk 6: W4A16 with group size 128 refuses other widths.
+    # W4A16 with group size 128 refuses other widths.
     assert family.ARCHITECTURE["hidden_size"] % 128 == 0
     assert family.ARCHITECTURE["intermediate_size"] % 128 == 0
 
@@ -47,7 +47,7 @@ def test_tokenizer_training_is_deterministic_and_has_a_chat_template(tmp_path: P
 
 
 def test_calibration_blocks_have_equal_length() -> None:
-    # STACK.md quirk 7: ragged blocks reached the embedding as floats.
+    # Ragged blocks reached the embedding as floats.
     def fake_tokenizer(text: str, add_special_tokens: bool) -> dict[str, list[int]]:
         return {"input_ids": list(range(1000))}
 

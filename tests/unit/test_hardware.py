@@ -114,3 +114,16 @@ def test_weights_dtype_comes_from_config_json(tmp_path: Path, config: dict[str, 
     if config is not None:
         (tmp_path / "config.json").write_text(json.dumps(config))
     assert hardware.weights_dtype(tmp_path) == expected
+
+
+@pytest.mark.parametrize(
+    ("engines", "cpus", "expected"),
+    [
+        (1, [0, 1], ["auto"]),  # one engine: vLLM's own binding
+        (3, [0, 1], ["nobind"] * 3),  # fewer CPUs than engines plus one: the OS spreads them
+        (3, list(range(8)), ["0,1", "2,3", "4,5"]),  # disjoint slices, CPUs 6 and 7 left over
+        (2, [4, 5, 6, 7, 8], ["4,5", "6,7"]),  # the CPUs this process may use, not 0..n
+    ],
+)
+def test_engines_sharing_a_node_never_bind_the_same_cpus(engines: int, cpus: list[int], expected: list[str]) -> None:
+    assert [hardware.cpu_threads_bind(i, engines, cpus) for i in range(engines)] == expected
