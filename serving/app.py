@@ -135,7 +135,7 @@ def build_app(config: Config, *, gpu: bool) -> Any:
                 "precision": v.precision,
                 "pinned_dtype": v.dtype,
                 "pinned_compile": v.compile,
-                "placement": Placement(0 if gpu else index, cpu_engines),
+                "placement": Placement(0 if gpu else index, cpu_engines, gpu=gpu),
             },
         )
         for index, (name, v) in enumerate(config.variants.items())

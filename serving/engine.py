@@ -45,17 +45,18 @@ class NotWarm(RuntimeError):
 
 @dataclass(frozen=True)
 class Placement:
-    """Where this engine sits among the CPU engines that share its node (one, on GPUs)."""
+    """Where this engine runs: on the node's GPUs, or as one of the CPU engines that share its node."""
 
     index: int = 0
     engines: int = 1
+    gpu: bool = False
 
 
 def configure(
     llm_config: Any, precision: str, pinned_dtype: Dtype | None, pinned_compile: bool | None, placement: Placement
 ) -> tuple[Capabilities, DtypeChoice, bool]:
     """Sets the engine's dtype, compilation and CPU threads from this node's hardware, before it starts."""
-    capabilities = detect()
+    capabilities = detect(gpu=placement.gpu)
     if capabilities.accelerator == "cpu" and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
         # Read by vLLM when it starts the engine-core process (see engine_class); an operator's own wins.
         cpus = sorted(os.sched_getaffinity(0))

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import platform
+import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -99,13 +101,20 @@ def host() -> dict[str, object]:
     return found
 
 
-def detect() -> Capabilities:
-    """Reads this machine's capabilities with the same torch calls vLLM's kernel selection uses."""
+def detect(*, gpu: bool = False) -> Capabilities:
+    """Reads this machine's capabilities with the same torch calls vLLM's kernel selection uses.
+
+    `gpu` says the engine runs on this node's GPUs. Ray Serve LLM's replica process itself holds no GPU
+    (its engine workers do), so torch sees none there: the GPU is then read with nvidia-smi, which
+    sees every GPU of the node.
+    """
     import torch
 
     if torch.cuda.is_available():
         capability = torch.cuda.get_device_capability(0)
         return Capabilities("cuda", torch.cuda.get_device_name(0), cuda_capability=(capability[0], capability[1]))
+    if gpu:
+        return nvidia_smi_gpu()
     cpu = torch.cpu
     return Capabilities(
         "cpu",
@@ -114,6 +123,18 @@ def detect() -> Capabilities:
         avx512=bool(cpu._is_avx512_supported()),
         avx512_bf16=bool(cpu._is_avx512_bf16_supported()),
     )
+
+
+def nvidia_smi_gpu(run: Callable[[list[str]], str] | None = None) -> Capabilities:
+    """The node's first GPU as nvidia-smi reports it; capability unknown (so no bfloat16) if it cannot."""
+    run = run or (lambda command: subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+    try:
+        first = run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"]).splitlines()[0]
+        name, capability = (part.strip() for part in first.rsplit(",", 1))
+        major, minor = (int(n) for n in capability.split("."))
+    except (OSError, subprocess.CalledProcessError, IndexError, ValueError):
+        return Capabilities("cuda", "unknown GPU (nvidia-smi did not answer)")
+    return Capabilities("cuda", name, cuda_capability=(major, minor))
 
 
 def weights_dtype(model_dir: Path) -> Dtype:

@@ -127,3 +127,23 @@ def test_weights_dtype_comes_from_config_json(tmp_path: Path, config: dict[str, 
 )
 def test_engines_sharing_a_node_never_bind_the_same_cpus(engines: int, cpus: list[int], expected: list[str]) -> None:
     assert [hardware.cpu_threads_bind(i, engines, cpus) for i in range(engines)] == expected
+
+
+def test_a_gpu_replica_that_torch_cannot_see_reads_the_gpu_with_nvidia_smi(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_torch(monkeypatch, cuda=None, amx=False)
+    monkeypatch.setattr(hardware, "nvidia_smi_gpu", lambda: TURING)
+    assert hardware.detect(gpu=True) == TURING
+    assert hardware.detect().accelerator == "cpu"
+
+
+def test_nvidia_smi_output_is_parsed_and_its_failure_is_safe() -> None:
+    found = hardware.nvidia_smi_gpu(lambda command: "NVIDIA H100 80GB HBM3, 9.0\nNVIDIA H100 80GB HBM3, 9.0\n")
+    assert found == Capabilities("cuda", "NVIDIA H100 80GB HBM3", cuda_capability=(9, 0))
+
+    def missing(command: list[str]) -> str:
+        raise FileNotFoundError("nvidia-smi")
+
+    unknown = hardware.nvidia_smi_gpu(missing)
+    assert unknown.accelerator == "cuda"
+    assert not unknown.bf16  # so bfloat16 weights are served in float16, which every GPU runs
+    assert choose_dtype("bf16", "bfloat16", unknown).dtype == "float16"
