@@ -35,6 +35,7 @@ class Router:
         # Until the controller answers, candidates get no traffic: a restarted router must never
         # bring back a weight that the controller rolled back.
         self.core.live_weights = {}
+        self.config_json = config_json
         self.controller = controller(config_json)
         self.core.rollout_status = self.rollout_status
 
@@ -52,6 +53,8 @@ class Router:
             self.core.apply(Config.model_validate_json(snapshot["config"]))
             logger.info("config version %d applied", snapshot["version"])
         self.core.config_version = snapshot["version"]
+        self.core.sticky_secret = bytes.fromhex(snapshot["sticky_secret"])
+        self.core.metrics.rollout_fail_safe.set(1 if snapshot.get("fail_safe") else 0)
         self.core.follow_rollout(snapshot["weights"], snapshot["phases"], snapshot["rollbacks"])
 
     async def follow_controller(self) -> None:
@@ -63,6 +66,12 @@ class Router:
                 logger.exception(
                     "could not sync with the rollout controller; keeping version %d", self.core.config_version
                 )
+                # A controller that died for good (one that failed in its constructor is not restarted
+                # by Ray) leaves its name free: look it up again, creating a new one if it is gone.
+                try:
+                    self.controller = controller(self.config_json)
+                except Exception:
+                    logger.exception("could not find or start a rollout controller")
 
     async def start_following(self) -> None:
         try:

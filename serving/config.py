@@ -69,10 +69,25 @@ class KeyConfig(Strict):
 
 
 class LimitsConfig(Strict):
+    """What one request may ask of the engines. Checked on the parsed request (serving.limits), so a
+    number sent as a string or a float is held to the same bound."""
+
     max_body_bytes: int = Field(1_048_576, ge=1024)
-    max_n: int = Field(4, ge=1, le=128)
-    max_tokens: int = Field(512, ge=1)
+    max_n: int = Field(4, ge=1, le=128, description="choices per request (n), beam width included")
+    max_tokens: int = Field(512, ge=1, description="max_tokens, max_completion_tokens and min_tokens")
+    default_max_tokens: int = Field(256, ge=1, description="applied when a request sets no max_tokens")
     max_prompt_chars: int = Field(32_000, ge=1)
+    max_prompts: int = Field(8, ge=1, description="prompts in one batched completions request")
+    max_logprobs: int = Field(5, ge=0, le=20, description="logprobs, top_logprobs and prompt_logprobs")
+    max_stop: int = Field(8, ge=0, description="stop strings, stop token ids and bad words, each")
+    max_token_ids: int = Field(300, ge=0, description="entries of logit_bias, allowed_token_ids, logprob_token_ids")
+    feedback_per_minute: int = Field(60, ge=1, description="feedback posts per API key per minute, per router")
+
+    @model_validator(mode="after")
+    def default_within_max(self) -> Self:
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens ({self.max_tokens})")
+        return self
 
 
 class ShadowingConfig(Strict):

@@ -6,7 +6,9 @@ shape once, at the HTTP edge (`error_response`). Nothing else reaches a client: 
     ├── Unauthorized                401     authentication_error
     ├── Forbidden                   403     permission_error
     ├── NotFound                    404     not_found_error
+    ├── Conflict                    409     invalid_request_error
     ├── PayloadTooLarge             413     invalid_request_error
+    ├── TooManyRequests             429     rate_limit_error       (with Retry-After)
     └── Unavailable                 503     service_unavailable
 """
 
@@ -19,11 +21,14 @@ class ServingError(Exception):
     status: ClassVar[int] = 500
     type: ClassVar[str] = "internal_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -49,9 +54,19 @@ class NotFound(ServingError):
     type = "not_found_error"
 
 
+class Conflict(ServingError):
+    status = 409
+    type = "invalid_request_error"
+
+
 class PayloadTooLarge(ServingError):
     status = 413
     type = "invalid_request_error"
+
+
+class TooManyRequests(ServingError):
+    status = 429
+    type = "rate_limit_error"
 
 
 class Unavailable(ServingError):

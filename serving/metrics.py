@@ -122,6 +122,12 @@ class Metrics:
             ["tier", "phase"],
             registry=registry,
         )
+        # max(serving_rollout_fail_safe) == 1   (page: canaries are held at 0 until an operator applies a config)
+        self.rollout_fail_safe = Gauge(
+            "serving_rollout_fail_safe",
+            "1 while the rollout controller holds every candidate at 0 after a damaged state file",
+            registry=registry,
+        )
         # serving_canary_weight_percent
         self.canary_weight = Gauge(
             "serving_canary_weight_percent",

@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import Request
 from pydantic import ValidationError
+from vllm.exceptions import VLLMValidationError
 
 from serving.errors import BadRequest, PayloadTooLarge, ServingError, Unavailable
 from serving.variants import Kind
@@ -66,14 +67,21 @@ def parse_request(kind: Kind, body: dict[str, Any]) -> Any:
     model = ChatCompletionRequest if kind == "chat" else CompletionRequest
     try:
         parsed = model.model_validate(body)
+        # Pydantic leaves some message fields as lazy iterators that cannot cross a Ray call.
+        return _sanitize_chat_completion_request(parsed) if kind == "chat" else parsed
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise BadRequest(f"{where}: {first['msg']}", param=where or None, code="invalid_parameter") from None
-    except ValueError as exc:
-        raise BadRequest(str(exc), code="invalid_parameter") from None
-    # Pydantic leaves some message fields as lazy iterators that cannot cross a Ray call.
-    return _sanitize_chat_completion_request(parsed) if kind == "chat" else parsed
+        # `param` names the request's own field; the message has the whole path (which may name a union arm).
+        param = str(first["loc"][0]) if first["loc"] else None
+        raise BadRequest(f"{where}: {first['msg']}", param=param, code="invalid_parameter") from None
+    except VLLMValidationError as exc:
+        message = exc.args[0] if exc.args else str(exc)
+        raise BadRequest(str(message), param=exc.parameter, code="invalid_parameter") from None
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        # vLLM's model validators run on the client's JSON before its types are checked: a `null` list
+        # or a number where an object belongs fails there with a plain Python error. The body is at fault.
+        raise BadRequest(f"the request is malformed: {exc}", code="invalid_parameter") from None
 
 
 def engine_error(first: Any) -> ServingError | None:
@@ -104,3 +112,8 @@ async def sse(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[str]:
         yield packet(item)
     if not done:
         yield "data: [DONE]\n\n"
+
+
+def sse_error(error: ServingError) -> str:
+    """Ends a stream whose status line already went out: an error event in the OpenAI shape, then done."""
+    return f"data: {json.dumps(error.body())}\n\ndata: [DONE]\n\n"

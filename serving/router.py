@@ -21,10 +21,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
-from serving import routing
+from serving import limits, routing
 from serving.auth import Principal, authenticate
 from serving.config import Config, variants_differ
-from serving.errors import BadRequest, Forbidden, NotFound, ServingError, Unavailable
+from serving.errors import BadRequest, Conflict, Forbidden, NotFound, ServingError, TooManyRequests, Unavailable
 from serving.metrics import Metrics
 from serving.protocol import (
     answer_text,
@@ -34,6 +34,7 @@ from serving.protocol import (
     prompt_chars,
     read_json_body,
     sse,
+    sse_error,
 )
 from serving.readiness import Readiness
 from serving.shadow import Shadower
@@ -47,13 +48,34 @@ DESCRIBE_TIMEOUT_S = 5.0
 PHASES = ("idle", "progressing", "promoted", "rolled_back")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Answered:
-    """Who answered a response, kept so that feedback on it can be attributed."""
+    """Who answered a response, kept so that feedback on it can be attributed, once."""
 
     tenant: str
     tier: str
     variant: str
+    voted: bool = False
+
+
+class RateLimit:
+    """At most `per_minute` events per key, as a token bucket refilled continuously."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_minute = per_minute
+        self.clock = clock
+        self.buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+
+    def take(self, key: str) -> float:
+        """Takes one token; returns 0, or the seconds until one is available (nothing taken)."""
+        now = self.clock()
+        tokens, at = self.buckets.get(key, (float(self.per_minute), now))
+        tokens = min(float(self.per_minute), tokens + (now - at) * self.per_minute / 60)
+        if tokens < 1:
+            self.buckets[key] = (tokens, now)
+            return (1 - tokens) * 60 / self.per_minute
+        self.buckets[key] = (tokens - 1, now)
+        return 0.0
 
 
 class AnswerLog:
@@ -95,6 +117,8 @@ class RouterCore:
             tracer=self.tracer,
         )
         self.answers = AnswerLog()
+        self.feedback_limit = RateLimit(config.limits.feedback_per_minute)
+        self.sticky_secret: bytes | None = None  # from the controller, shared by every router replica
         self.readiness = Readiness()
         self.engine_facts: dict[str, dict[str, Any]] = {}
         # Live weights from the rollout controller; None (no controller, e.g. in tests) means the config's.
@@ -114,6 +138,7 @@ class RouterCore:
         self.config = config
         self.shadower.max_concurrency = config.shadowing.max_concurrency
         self.shadower.noise_floor_rate = config.shadowing.noise_floor_rate
+        self.feedback_limit.per_minute = config.limits.feedback_per_minute
         self.start_series(config)
 
     def start_series(self, config: Config) -> None:
@@ -195,20 +220,10 @@ class RouterCore:
         }
         return JSONResponse(status)
 
-    def check_limits(self, config: Config, kind: Kind, body: dict[str, Any]) -> None:
-        limits = config.limits
-        n = body.get("n")
-        if isinstance(n, int) and n > limits.max_n:
-            raise BadRequest(f"n is {n}; at most {limits.max_n} is allowed", param="n", code="n_too_large")
-        for field in ("max_tokens", "max_completion_tokens"):
-            value = body.get(field)
-            if isinstance(value, int) and value > limits.max_tokens:
-                raise BadRequest(
-                    f"{field} is {value}; at most {limits.max_tokens} is allowed", param=field, code="max_tokens"
-                )
-        if prompt_chars(kind, body) > limits.max_prompt_chars:
+    def check_prompt_length(self, config: Config, kind: Kind, body: dict[str, Any]) -> None:
+        if prompt_chars(kind, body) > config.limits.max_prompt_chars:
             raise BadRequest(
-                f"the prompt is longer than {limits.max_prompt_chars} characters",
+                f"the prompt is longer than {config.limits.max_prompt_chars} characters",
                 param="messages" if kind == "chat" else "prompt",
                 code="prompt_too_long",
             )
@@ -230,8 +245,9 @@ class RouterCore:
                 param="model",
                 code="model_not_found",
             )
-        self.check_limits(config, kind, body)
+        self.check_prompt_length(config, kind, body)
         parsed = parse_request(kind, body)
+        limits.enforce(config.limits, kind, parsed)
 
         tier = config.tiers[principal.tier]
         override = request.headers.get("x-variant")
@@ -240,7 +256,13 @@ class RouterCore:
         sticky = str(body.get("user") or request.headers.get("x-user-id") or principal.key_id)
         with self.tracer.start_as_current_span("route") as route_span:
             decision = routing.decide(
-                principal.tier, tier, self.live_weight(config, principal.tier), sticky, config.variants, override
+                principal.tier,
+                tier,
+                self.live_weight(config, principal.tier),
+                sticky,
+                config.variants,
+                override,
+                self.sticky_secret,
             )
             route_span.set_attributes({"tier": principal.tier, "variant": decision.variant, "reason": decision.reason})
         span.set_attributes({"tenant": principal.tenant, "tier": principal.tier, "variant": decision.variant})
@@ -274,6 +296,16 @@ class RouterCore:
             raise NotFound(f"no response {response_id!r} is known here", param="response_id", code="response_not_found")
         if answered.tenant != principal.tenant:
             raise Forbidden("that response was given to another tenant", param="response_id", code="other_tenant")
+        if answered.voted:  # one vote per response: repeats cannot trip, or hide, a rollback
+            raise Conflict("feedback on this response was already recorded", param="response_id", code="duplicate")
+        wait_s = self.feedback_limit.take(principal.key_id)
+        if wait_s:
+            raise TooManyRequests(
+                f"at most {config.limits.feedback_per_minute} feedback posts per minute for this key",
+                code="feedback_rate_limited",
+                headers={"retry-after": str(max(1, round(wait_s)))},
+            )
+        answered.voted = True
         self.metrics.feedback.labels(answered.variant, answered.tier).inc()
         self.signals.append(("feedback", answered.tier, answered.variant, overridden))
         if overridden:
@@ -337,18 +369,32 @@ class Call:
         text: list[str] = []
         response_id = ""
         chunks = 0
-        async for packet in sse(first, rest):
-            for data in packet.split("\n\n"):
-                chunk = parse_chunk(data)
-                if chunk is None:
-                    continue
-                response_id = response_id or str(chunk.get("id", ""))
-                for choice in chunk.get("choices") or []:
-                    piece = (choice.get("delta") or {}).get("content") if self.kind == "chat" else choice.get("text")
-                    if piece:
-                        text.append(piece)
-                        chunks += 1
-            yield packet
+        engine_failed = False
+        try:
+            async for packet in sse(first, rest):
+                for data in packet.split("\n\n"):
+                    chunk = parse_chunk(data)
+                    if chunk is None:
+                        continue
+                    engine_failed = engine_failed or "error" in chunk  # the engine's own error event
+                    response_id = response_id or str(chunk.get("id", ""))
+                    for choice in chunk.get("choices") or []:
+                        piece = (
+                            (choice.get("delta") or {}).get("content") if self.kind == "chat" else choice.get("text")
+                        )
+                        if piece:
+                            text.append(piece)
+                            chunks += 1
+                yield packet
+        except Exception as exc:  # the replica died or the call broke after the 200 went out
+            logger.warning("variant %s failed mid-stream: %r", self.variant, exc)
+            self.count("error")
+            failure = Unavailable(f"variant {self.variant} failed during the answer; retry", code="stream_interrupted")
+            yield sse_error(failure)
+            return
+        if engine_failed:
+            self.count("error")
+            return
         self.finish(response_id, "".join(text), chunks, None, first_at)
 
     def finish(
@@ -392,7 +438,7 @@ def create_app(core_of: Callable[[], RouterCore], startup: list[Hook] | None = N
 
     @app.exception_handler(ServingError)
     async def serving_error(request: Request, exc: ServingError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -57,10 +57,17 @@ class FakeVariant:
     and a fake compared with itself does neither. It can also fail the way it is told to."""
 
     def __init__(
-        self, name: str, *, fail: Exception | None = None, error_status: int | None = None, delay_s: float = 0.0
+        self,
+        name: str,
+        *,
+        fail: Exception | None = None,
+        error_status: int | None = None,
+        delay_s: float = 0.0,
+        fail_midstream: Exception | None = None,
     ) -> None:
         self.name = name
         self.fail = fail
+        self.fail_midstream = fail_midstream  # raised after the first streamed chunk
         self.error_status = error_status
         self.delay_s = delay_s
         self.requests: list[Any] = []
@@ -107,6 +114,8 @@ class FakeVariant:
                     "choices": [{"index": 0, "delta": {"content": piece + " "}, "text": piece + " "}],
                 }
                 yield [f"data: {json.dumps(chunk)}\n\n"]
+                if self.fail_midstream is not None:
+                    raise self.fail_midstream
             return
         extra: dict[str, Any] = {"id": f"fake-{self.name}-{len(self.requests)}", "model": request.model, "usage": usage}
         if getattr(request, "prompt_logprobs", None) is not None:

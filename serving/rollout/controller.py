@@ -9,8 +9,10 @@ actor around it.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -42,23 +44,34 @@ class Rollout:
         self.events: deque[tuple[float, tuple[Any, ...]]] = deque()
         self.state = store.load_state(config.rollback.state_file)
         if restarted and "config" in self.state:
-            config = Config.model_validate_json(self.state["config"])
+            try:
+                config = Config.model_validate_json(self.state["config"])
+            except ValueError as exc:  # pydantic's ValidationError is one
+                self.state = store.quarantine(config.rollback.state_file, f"its config is invalid: {exc}")
         self.config = config
         self.version = int(self.state.get("version", 1)) if restarted else 1
+        # Keys the sticky split (serving.routing); kept with the state so buckets survive restarts.
+        self.state.setdefault("sticky_secret", secrets.token_hex(32))
         self.latest: dict[str, list[dict[str, Any]]] = {}
         self.rollback_counts: dict[str, dict[str, int]] = {}
         self.apply_tiers(config, first=True)
 
     # -- config -------------------------------------------------------------------------------------
     def apply(self, config: Config) -> int:
-        self.config = config
-        self.version += 1
-        self.apply_tiers(config, first=False)
+        """An operator's config. It also ends a fail-safe start: applying is the operator's decision."""
+        self.apply_tiers(config, first=False, version=self.version + 1, end_fail_safe=True)
         return self.version
 
-    def apply_tiers(self, config: Config, *, first: bool) -> None:
+    def apply_tiers(
+        self, config: Config, *, first: bool, version: int | None = None, end_fail_safe: bool = False
+    ) -> None:
+        """Works on a copy, saves it, and only then makes it the state: a config that cannot be saved
+        is not applied (the caller gets the error), so memory never runs ahead of the file."""
+        state = copy.deepcopy(self.state)
+        if end_fail_safe:
+            state.pop("fail_safe", None)
         for name, tier in config.tiers.items():
-            record = self.state["tiers"].setdefault(name, {"phase": Phase.IDLE, "history": []})
+            record = state["tiers"].setdefault(name, {"phase": Phase.IDLE, "history": []})
             phase = Phase(record["phase"])
             enables = tier.candidate is not None and tier.weight > 0
             changed = record.get("tier_hash") != tier_hash(tier)
@@ -81,15 +94,17 @@ class Rollout:
                 logger.info("tier %s: %s -> %s (%s)", name, phase, new_phase, event)
             record["phase"] = new_phase
             record["candidate"] = tier.candidate
-        self.state["config"] = config.model_dump_json()
-        self.state["version"] = self.version
-        store.save_state(self.config.rollback.state_file, self.state)
+        state["config"] = config.model_dump_json()
+        state["version"] = version or self.version
+        store.save_state(config.rollback.state_file, state)
+        self.state, self.config, self.version = state, config, version or self.version
 
     def weights(self) -> dict[str, float]:
         live = {}
         for name, tier in self.config.tiers.items():
             phase = Phase(self.state["tiers"][name]["phase"])
-            live[name] = 0.0 if phase is Phase.ROLLED_BACK else tier.weight
+            held = phase is Phase.ROLLED_BACK or "fail_safe" in self.state
+            live[name] = 0.0 if held else tier.weight
         return live
 
     # -- signals ------------------------------------------------------------------------------------
@@ -163,8 +178,8 @@ class Rollout:
         return tripped
 
     def roll_back(self, name: str, tier: TierConfig, failed: list[checks.Verdict]) -> None:
-        record = self.state["tiers"][name]
-        # Weight first: `weights()` reads the phase, so from this line on every router poll gets 0.
+        state = copy.deepcopy(self.state)
+        record = state["tiers"][name]
         record["phase"] = next_phase(Phase(record["phase"]), Event.CHECK_FAILED)
         tripped_at = self.clock()
         event = {
@@ -181,10 +196,16 @@ class Rollout:
             "since": record.get("since"),
         }
         record["history"] = [*record.get("history", []), event][-MAX_HISTORY:]
+        try:
+            store.save_state(self.config.rollback.state_file, state)
+        except OSError:
+            # The rollback still happens: a candidate at 0 is the safe side. Only a restart would lose it.
+            logger.exception("could not save the rollback of tier %s; it holds until the controller restarts", name)
+        # From this line on every router poll gets weight 0 (`weights()` reads the phase).
+        self.state = state
         counts = self.rollback_counts.setdefault(name, {})
         for reason in event["reasons"]:
             counts[reason] = counts.get(reason, 0) + 1
-        store.save_state(self.config.rollback.state_file, self.state)
         logger.warning(
             "rolled back %s on tier %s (weight %s -> 0): %s",
             tier.candidate,
@@ -200,12 +221,15 @@ class Rollout:
             "weights": self.weights(),
             "phases": {name: record["phase"] for name, record in self.state["tiers"].items()},
             "rollbacks": self.rollback_counts,
+            "sticky_secret": self.state["sticky_secret"],
+            "fail_safe": self.state.get("fail_safe"),
         }
 
     def status(self) -> dict[str, Any]:
         weights = self.weights()
         return {
             "config_version": self.version,
+            "fail_safe": self.state.get("fail_safe"),
             "interval_s": self.config.rollback.interval_s,
             "tiers": {
                 name: {

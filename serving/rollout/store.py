@@ -1,24 +1,67 @@
-"""The rollout state file: what was rolled back, why, and for which tier config. Written atomically
-(write a temporary file, then rename), read at controller start, so a rollback outlives every restart."""
+"""The rollout state file: what was rolled back, why, and for which tier config; read at controller start,
+so a rollback outlives every restart.
+
+Written durably: a temporary file, flushed to disk, renamed over the old one, then the folder flushed,
+so a crash leaves either the old state or the new one, never half of one. A file that cannot be read
+(truncated, edited by hand, a disk error) is moved aside, never deleted, and the controller starts
+fail-safe instead of not at all: every candidate at weight 0 until an operator applies a config.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger("serving.rollout")
+
 
 def load_state(path: Path) -> dict[str, Any]:
+    """The saved state, or a fresh one. A damaged file gives a state marked `fail_safe` with the reason."""
     if not path.is_file():
         return {"tiers": {}}
-    state: dict[str, Any] = json.loads(path.read_text())
-    state.setdefault("tiers", {})
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict) or not isinstance(state.setdefault("tiers", {}), dict):
+            raise ValueError("it is not a rollout state (an object with a `tiers` object)")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        return quarantine(path, f"{type(exc).__name__}: {exc}")
     return state
+
+
+def quarantine(path: Path, error: str) -> dict[str, Any]:
+    """Moves a damaged state file aside and returns a fail-safe state that says why."""
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+    try:
+        os.replace(path, aside)
+    except OSError as exc:
+        aside = path
+        logger.error("could not move the damaged state file %s aside: %s", path, exc)
+    reason = (
+        f"the rollout state file {path} could not be read ({error}); it was kept as {aside}. "
+        "Every candidate is at weight 0 until a config is applied (`serving apply`)."
+    )
+    logger.error("FAIL-SAFE START: %s", reason)
+    return {"tiers": {}, "fail_safe": reason}
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = path.with_suffix(path.suffix + ".tmp")
-    scratch.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    data = (json.dumps(state, indent=2, sort_keys=True) + "\n").encode()
+    # 0600: the state holds the secret that keys the sticky split.
+    descriptor = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(descriptor, data)
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
     os.replace(scratch, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)

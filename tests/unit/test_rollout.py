@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
 import pytest
 
 from serving.config import Config, load_config
-from serving.rollout import checks
+from serving.rollout import checks, store
 from serving.rollout.controller import Rollout
 from serving.rollout.phases import TRANSITIONS, Event, InvalidTransition, Phase, next_phase
 
@@ -187,3 +188,76 @@ def test_rollout_status_prints_as_a_table(tmp_path: Path) -> None:
     assert batch.split()[:6] == ["batch", "rolled_back", "int8", "awq", "50", "0"]
     assert "score_drift=0.150!" in batch
     assert any(line.startswith("rolled back:") and "tier batch: awq 50% -> 0" in line for line in table)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "not-an-object", "binary"])
+def test_a_damaged_state_file_gives_a_fail_safe_start_with_a_clear_error(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = demo_config(tmp_path)
+    Rollout(config, Clock())  # writes a good state file
+    path = config.rollback.state_file
+    good = path.read_bytes()
+    path.write_bytes(
+        {"truncate": good[: len(good) // 2], "not-an-object": b"[1, 2]", "binary": b"\xff\xfe\x00"}[damage]
+    )
+
+    started = Rollout(config, Clock())  # does not raise: Ray would not restart a controller that did
+    assert started.weights() == {"premium": 0.0, "standard": 0.0, "batch": 0.0}  # every candidate held at 0
+    reason = started.status()["fail_safe"]
+    assert "could not be read" in reason
+    assert "serving apply" in reason
+    assert started.snapshot(0)["fail_safe"] == reason
+    assert "FAIL-SAFE START" in caplog.text
+    (aside,) = tmp_path.glob("state.json.damaged-*")  # kept for the operator, never deleted
+    assert aside.read_bytes() != good
+
+    # The fail-safe state is itself saved: a restart keeps holding, until an operator applies a config.
+    assert Rollout(config, Clock(), restarted=True).weights()["batch"] == 0.0
+    started.apply(config)
+    assert started.weights() == {"premium": 0.0, "standard": 50.0, "batch": 50.0}
+    assert started.status()["fail_safe"] is None
+
+
+def test_a_state_file_with_an_invalid_config_gives_a_fail_safe_start(tmp_path: Path) -> None:
+    config = demo_config(tmp_path)
+    Rollout(config, Clock())
+    path = config.rollback.state_file
+    state = json.loads(path.read_text())
+    state["config"] = '{"model": 3}'
+    path.write_text(json.dumps(state))
+    restarted = Rollout(config, Clock(), restarted=True)
+    assert "its config is invalid" in restarted.status()["fail_safe"]
+    assert restarted.weights()["standard"] == 0.0
+
+
+def test_a_config_that_cannot_be_saved_is_not_applied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rollout = Rollout(demo_config(tmp_path), Clock())
+
+    def disk_full(path: Path, state: dict[str, object]) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "save_state", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        rollout.apply(demo_config(tmp_path, weight=90.0))
+    assert (rollout.version, rollout.weights()["batch"]) == (1, 50.0)  # memory did not run ahead of the file
+
+
+def test_a_rollback_that_cannot_be_saved_still_holds_the_candidate_at_zero(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rollout = Rollout(demo_config(tmp_path), Clock())
+    monkeypatch.setattr(store, "save_state", lambda path, state: (_ for _ in ()).throw(OSError("disk gone")))
+    rollout.report(awq_signals(30))
+    assert rollout.evaluate() == ["batch"]
+    assert rollout.weights()["batch"] == 0.0
+
+
+def test_the_state_file_is_private_and_keeps_the_sticky_secret(tmp_path: Path) -> None:
+    config = demo_config(tmp_path)
+    first = Rollout(config, Clock())
+    assert oct(config.rollback.state_file.stat().st_mode & 0o777) == "0o600"
+    secret = first.snapshot(0)["sticky_secret"]
+    assert len(bytes.fromhex(secret)) == 32
+    assert Rollout(config, Clock(), restarted=True).snapshot(0)["sticky_secret"] == secret  # buckets survive
+    assert list(tmp_path.glob("*.tmp")) == []

@@ -1,0 +1,68 @@
+"""What one request may ask of the engines, checked on the request as parsed by vLLM's own models.
+
+Checking the parsed request, not the raw JSON, closes the class of bypasses where a limit only looked at
+values that were already integers: pydantic turns `"n": "4000"` and `"n": 4000.0` into `n=4000`, and
+the bound applies. Every field that multiplies the engine's work is bounded: choices and beam width
+(`n`), output length (`max_tokens`, `max_completion_tokens`, `min_tokens`; a request that sets none gets
+`default_max_tokens`, where the engine would allow the whole context), log-prob counts, prompts per
+batched completion, stop sequences and token-id lists. Fields that only the server may set are refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serving.config import LimitsConfig
+from serving.errors import BadRequest
+from serving.variants import Kind
+
+# vLLM's extension fields that a client must not set, and why.
+SERVER_ONLY = {
+    "kv_transfer_params": "it hands the engine cached state in place of the prompt",
+    "ec_transfer_params": "it hands the engine cached encoder state",
+    "vllm_xargs": "it passes arbitrary arguments to the engine",
+    "request_id": "the server names requests",
+    "priority": "the server schedules requests",
+    "prompt_embeds": "the server does not load tensors sent by clients",
+    "chat_template": "the chat template is server configuration",
+}
+
+
+def enforce(limits: LimitsConfig, kind: Kind, request: Any) -> None:
+    """Raises `BadRequest` naming the first field over its limit; sets the default output length."""
+    for field, why in SERVER_ONLY.items():
+        if field in request.model_fields_set and getattr(request, field, None) is not None:
+            raise BadRequest(f"{field} may not be set by clients: {why}", param=field, code="field_not_allowed")
+    at_most(request.n or 1, limits.max_n, "n", code="n_too_large")
+    lengths = ("max_tokens", "max_completion_tokens", "min_tokens")
+    for field in lengths:
+        at_most(getattr(request, field, None), limits.max_tokens, field, code="max_tokens")
+    if all(getattr(request, field, None) is None for field in lengths[:2]):
+        request.max_tokens = limits.default_max_tokens
+    for field in ("logprobs", "top_logprobs", "prompt_logprobs"):
+        value = getattr(request, field, None)
+        if isinstance(value, int) and not isinstance(value, bool):  # chat's `logprobs` is a switch
+            at_most(value, limits.max_logprobs, field)
+    if kind == "completions":
+        at_most(prompt_count(request.prompt), limits.max_prompts, "prompt", what="prompts")
+    stop = request.stop
+    at_most(len([stop] if isinstance(stop, str) else stop or []), limits.max_stop, "stop", what="stop sequences")
+    for field in ("stop_token_ids", "bad_words"):
+        at_most(len(getattr(request, field, None) or []), limits.max_stop, field, what="entries")
+    for field in ("logit_bias", "allowed_token_ids", "logprob_token_ids"):
+        at_most(len(getattr(request, field, None) or []), limits.max_token_ids, field, what="entries")
+
+
+def at_most(value: int | None, limit: int, field: str, *, what: str = "", code: str = "over_limit") -> None:
+    if value is not None and value > limit:
+        counted = f"{value} {what}" if what else f"{field} is {value}"
+        raise BadRequest(f"{counted}; at most {limit} allowed", param=field, code=code)
+
+
+def prompt_count(prompt: Any) -> int:
+    """Prompts in a completions request: a string or a list of token ids is one; a list of those, many."""
+    if prompt is None or isinstance(prompt, str):
+        return 1
+    if isinstance(prompt, list) and prompt and all(isinstance(x, int) for x in prompt):
+        return 1
+    return len(prompt) if isinstance(prompt, list) else 1
