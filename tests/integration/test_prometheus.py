@@ -32,6 +32,7 @@ CONTRACT = [
     "serving_feedback_total",
     "serving_shadow_dropped_total",
     "serving_canary_weight_percent",
+    "serving_rollout_fail_safe",
 ]
 
 

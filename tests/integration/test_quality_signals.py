@@ -131,6 +131,13 @@ def test_feedback_moves_the_override_counter_of_the_variant_that_answered(stack:
     )
     assert answer.status_code == 200, answer.text
     assert total(scrape(), "serving_overrides_total", **labels) == before + 1
+    again = httpx.post(
+        f"{BASE}/v1/feedback",
+        json={"response_id": response_id, "overridden": True},
+        headers={"authorization": "Bearer demo-batch"},
+    )
+    assert (again.status_code, again.json()["error"]["code"]) == (409, "duplicate")
+    assert total(scrape(), "serving_overrides_total", **labels) == before + 1  # one vote per answer
     other_tenant = httpx.post(
         f"{BASE}/v1/feedback",
         json={"response_id": response_id, "overridden": True},

@@ -12,6 +12,7 @@ import pytest
 
 from serving import hardware
 from tests.integration.conftest import BASE, Stack, apply_config, served_variants
+from tests.unit.test_hostile import hostile_bodies
 
 pytestmark = pytest.mark.integration
 
@@ -90,6 +91,20 @@ def test_the_console_shows_progress_per_engine_and_no_library_logs(stack: Stack)
     assert "logs of Ray, the router and every engine: /" in console
     for noise in ('{"asctime"', "Deployment Options", "Triton", "INFO", "Traceback"):
         assert noise not in console, f"{noise!r} on the console:\n{console}"
+
+
+def test_the_hostile_bodies_get_no_5xx_from_the_real_stack(stack: Stack) -> None:
+    # The unit tests' generated set (every field of both request models, each with wrong types, null,
+    # negative, huge and numeric-string values), here through Ray Serve's proxy to real engines.
+    statuses: list[int] = []
+    with httpx.Client(base_url=BASE, headers={"authorization": "Bearer demo-premium"}, timeout=60) as http:
+        for path, body in hostile_bodies():
+            answer = http.post(path, json=body)
+            statuses.append(answer.status_code)
+            assert answer.status_code < 500, (path, body, answer.text[:300])
+            if answer.status_code >= 400:
+                assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
+    assert statuses.count(200) > 100  # and the well-formed ones were really answered by the engines
 
 
 def test_errors_are_openai_shaped_with_the_right_status(stack: Stack) -> None:
