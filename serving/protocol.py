@@ -5,6 +5,7 @@ Shared by the router and the shadow comparison."""
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -82,6 +83,12 @@ def parse_request(kind: Kind, body: dict[str, Any]) -> Any:
         # vLLM's model validators run on the client's JSON before its types are checked: a `null` list
         # or a number where an object belongs fails there with a plain Python error. The body is at fault.
         raise BadRequest(f"the request is malformed: {exc}", code="invalid_parameter") from None
+
+
+def new_request_id() -> str:
+    """The id an engine request runs under, and so its response's id. Always the server's: otherwise Ray
+    Serve takes the client's `x-request-id` header, and a client would choose the ids feedback refers to."""
+    return uuid.uuid4().hex
 
 
 def engine_error(first: Any) -> ServingError | None:

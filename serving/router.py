@@ -29,6 +29,7 @@ from serving.metrics import Metrics
 from serving.protocol import (
     answer_text,
     engine_error,
+    new_request_id,
     parse_chunk,
     parse_request,
     prompt_chars,
@@ -248,6 +249,7 @@ class RouterCore:
         self.check_prompt_length(config, kind, body)
         parsed = parse_request(kind, body)
         limits.enforce(config.limits, kind, parsed)
+        parsed.request_id = new_request_id()
 
         tier = config.tiers[principal.tier]
         override = request.headers.get("x-variant")

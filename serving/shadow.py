@@ -23,7 +23,7 @@ from opentelemetry import trace
 
 from serving import compare
 from serving.metrics import Metrics
-from serving.protocol import answer_text
+from serving.protocol import answer_text, new_request_id
 from serving.variants import Kind, VariantClient
 
 logger = logging.getLogger("serving.shadow")
@@ -140,7 +140,7 @@ def logprob_of(token: int, position: Any) -> float:
 
 
 def replay(request: Any) -> Any:
-    return request.model_copy(update={"stream": False, "n": 1, "stream_options": None})
+    return request.model_copy(update={"stream": False, "n": 1, "stream_options": None, "request_id": new_request_id()})
 
 
 def scoring_request(kind: Kind, request: Any, text: str) -> Any:
@@ -153,6 +153,7 @@ def scoring_request(kind: Kind, request: Any, text: str) -> Any:
         "stream_options": None,
         "temperature": 0.0,
         "logprobs": None,
+        "request_id": new_request_id(),
     }
     if kind == "chat":
         messages = [*request.messages, {"role": "assistant", "content": text}]

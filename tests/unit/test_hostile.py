@@ -243,3 +243,14 @@ async def test_an_engine_error_event_in_a_stream_is_counted_as_an_error(
     assert "engine failed" in answer.text
     labels = {"variant": "fp16", "tier": "premium", "role": "primary", "outcome": "error"}
     assert core.metrics.registry.get_sample_value("serving_requests_total", labels) == 1
+
+
+async def test_engine_requests_run_under_ids_the_server_chose(client: httpx.AsyncClient, core: RouterCore) -> None:
+    for _ in range(2):
+        answer = await client.post("/v1/chat/completions", json=CHAT, headers={**PREMIUM, "x-request-id": "mine"})
+        assert answer.status_code == 200
+    sent = core.variants["fp16"].requests  # type: ignore[attr-defined]
+    ids = [request.request_id for request in sent]
+    assert len(set(ids)) == 2
+    assert all(len(i) == 32 and "mine" not in i for i in ids)
+    assert all("request_id" in request.model_fields_set for request in sent)  # so Ray Serve keeps it
