@@ -69,7 +69,7 @@ class Router:
                 # A controller that died for good (one that failed in its constructor is not restarted
                 # by Ray) leaves its name free: look it up again, creating a new one if it is gone.
                 try:
-                    self.controller = controller(self.config_json)
+                    self.controller = controller(self.config_json, recover=True)
                 except Exception:
                     logger.exception("could not find or start a rollout controller")
 

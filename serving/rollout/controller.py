@@ -251,8 +251,10 @@ class RolloutController:
     """The actor around `Rollout`: named and detached, so routers and `serving apply` find it and it
     outlives router restarts; it judges on its own loop."""
 
-    def __init__(self, config_json: str) -> None:
-        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+    def __init__(self, config_json: str, recover: bool = False) -> None:
+        # `recover`: a router starts this controller in place of one that died for good, so the state
+        # file's last applied config wins over the deploy-time config the router holds, as on a restart.
+        restarted = recover or ray.get_runtime_context().was_current_actor_reconstructed
         self.rollout = Rollout(Config.model_validate_json(config_json), restarted=restarted)
         if restarted:
             logger.warning("rollout controller restarted; config version %d restored", self.rollout.version)
@@ -286,8 +288,9 @@ class RolloutController:
         return self.rollout.status()
 
 
-def controller(config_json: str | None = None) -> Any:
-    """The controller actor, created from `config_json` if it does not exist yet."""
+def controller(config_json: str | None = None, *, recover: bool = False) -> Any:
+    """The controller actor, created from `config_json` if it does not exist yet (`recover`: in place of
+    one that died, restoring the last applied config from the state file)."""
     if config_json is None:
         return ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
     # max_restarts: Ray restarts a controller that dies; it comes back from the state file.
@@ -298,4 +301,4 @@ def controller(config_json: str | None = None) -> Any:
         get_if_exists=True,
         max_restarts=-1,
         max_task_retries=3,
-    ).remote(config_json)
+    ).remote(config_json, recover)

@@ -139,3 +139,23 @@ def test_awq_rolls_back_by_itself_int8_does_not_and_it_stays_rolled_back(stack: 
     assert apply_config(stack, batch_weight=50.0).returncode == 0
     assert rollout()["tiers"]["batch"]["phase"] == "progressing"
     assert "awq" in batch_variants(range(40))
+
+
+def test_routers_start_a_new_controller_when_theirs_died_for_good(stack: Stack) -> None:
+    """A controller that Ray will not restart (as after a failure in its constructor): routers find, or
+    start, a new one, which takes the last applied config from the state file."""
+    import ray
+
+    from serving.rollout.controller import NAMESPACE, controller
+
+    assert apply_config(stack, batch_weight=42.0).returncode == 0
+    version = httpx.get(f"{BASE}/health", timeout=5).json()["config_version"]
+    ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False)
+    try:
+        old = controller()
+        ray.kill(old, no_restart=True)
+        wait_until(lambda: rollout()["config_version"] == version, 60, "a new controller")
+        assert rollout()["tiers"]["batch"]["configured_weight"] == 42.0  # the applied config, not the deployed one
+    finally:
+        ray.shutdown()
+        apply_config(stack, batch_weight=50.0)  # restores the demo weight for the tests after this one
