@@ -16,6 +16,8 @@ from vllm.exceptions import VLLMValidationError
 from serving.errors import BadRequest, PayloadTooLarge, ServingError, Unavailable
 from serving.variants import Kind
 
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
 
 def answer_text(kind: Kind, response: Any) -> str:
     """The text of the first choice of a whole chat or completion response."""
@@ -68,6 +70,8 @@ def parse_request(kind: Kind, body: dict[str, Any]) -> Any:
     model = ChatCompletionRequest if kind == "chat" else CompletionRequest
     try:
         parsed = model.model_validate(body)
+        if kind == "chat":
+            check_roles(parsed.messages)
         # Pydantic leaves some message fields as lazy iterators that cannot cross a Ray call.
         return _sanitize_chat_completion_request(parsed) if kind == "chat" else parsed
     except ValidationError as exc:
@@ -89,6 +93,20 @@ def new_request_id() -> str:
     """The id an engine request runs under, and so its response's id. Always the server's: otherwise Ray
     Serve takes the client's `x-request-id` header, and a client would choose the ids feedback refers to."""
     return uuid.uuid4().hex
+
+
+def check_roles(messages: list[Any]) -> None:
+    """vLLM accepts any role (its custom-message type), the OpenAI API only these; and at least one message."""
+    if not messages:
+        raise BadRequest("messages must hold at least one message", param="messages", code="invalid_parameter")
+    for index, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
+        if role not in ROLES:
+            raise BadRequest(
+                f"messages[{index}].role is {role!r}; it must be one of {', '.join(sorted(ROLES))}",
+                param="messages",
+                code="invalid_parameter",
+            )
 
 
 def engine_error(first: Any) -> ServingError | None:

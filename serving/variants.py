@@ -76,7 +76,9 @@ class FakeVariant:
     @staticmethod
     def words(kind: Kind, request: Any) -> list[str]:
         if kind == "chat":
-            return " ".join(str(m["content"] if isinstance(m, dict) else m.content) for m in request.messages).split()
+            return " ".join(
+                str(m.get("content") if isinstance(m, dict) else m.content) for m in request.messages
+            ).split()
         return str(request.prompt).split()
 
     @staticmethod

@@ -72,6 +72,8 @@ async def test_no_malformed_body_gets_a_5xx_and_every_refusal_is_openai_shaped(c
         ("/v1/chat/completions", {**CHAT, "stream_options": {"include_usage": True}}, "stream_options"),
         ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs"),
         ("/v1/chat/completions", {**CHAT, "structured_outputs": -1}, None),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+        ("/v1/chat/completions", {**CHAT, "messages": []}, "messages"),
     ],
 )
 async def test_vllm_validator_failures_are_400_naming_the_parameter(
