@@ -146,6 +146,9 @@ class Rollout:
                     w.candidate_overrides += 1
                 elif overridden and variant == tier.baseline:
                     w.baseline_overrides += 1
+        # Votes on answers from before the window must not outnumber the answers in it: a rate stays a rate.
+        w.candidate_overrides = min(w.candidate_overrides, w.candidate_requests)
+        w.baseline_overrides = min(w.baseline_overrides, w.baseline_requests)
         return w
 
     # -- judging ------------------------------------------------------------------------------------

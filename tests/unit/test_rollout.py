@@ -261,3 +261,11 @@ def test_the_state_file_is_private_and_keeps_the_sticky_secret(tmp_path: Path) -
     assert len(bytes.fromhex(secret)) == 32
     assert Rollout(config, Clock(), restarted=True).snapshot(0)["sticky_secret"] == secret  # buckets survive
     assert list(tmp_path.glob("*.tmp")) == []
+
+
+def test_override_votes_never_outnumber_the_answers_they_judge(tmp_path: Path) -> None:
+    rollout = Rollout(demo_config(tmp_path), Clock())
+    tier = rollout.config.tiers["batch"]
+    rollout.report([("request", "batch", "awq", 0.1, True)] * 3 + [("feedback", "batch", "awq", True)] * 40)
+    window = rollout.window("batch", tier, 0.0)
+    assert (window.candidate_requests, window.candidate_overrides) == (3, 3)
