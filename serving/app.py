@@ -53,7 +53,7 @@ class Router:
             self.core.apply(Config.model_validate_json(snapshot["config"]))
             logger.info("config version %d applied", snapshot["version"])
         self.core.config_version = snapshot["version"]
-        self.core.sticky_secret = bytes.fromhex(snapshot["sticky_secret"])
+        self.core.secret = bytes.fromhex(snapshot["secret"])
         self.core.metrics.rollout_fail_safe.set(1 if snapshot.get("fail_safe") else 0)
         self.core.follow_rollout(snapshot["weights"], snapshot["phases"], snapshot["rollbacks"])
 

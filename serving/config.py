@@ -82,6 +82,7 @@ class LimitsConfig(Strict):
     max_stop: int = Field(8, ge=0, description="stop strings, stop token ids and bad words, each")
     max_token_ids: int = Field(300, ge=0, description="entries of logit_bias, allowed_token_ids, logprob_token_ids")
     feedback_per_minute: int = Field(60, ge=1, description="feedback posts per API key per minute, per router")
+    feedback_max_age_s: float = Field(86_400, gt=0, description="feedback is taken on answers this recent")
 
     @model_validator(mode="after")
     def default_within_max(self) -> Self:

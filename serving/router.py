@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
-from serving import limits, routing
+from serving import attribution, limits, routing
 from serving.auth import Principal, authenticate
 from serving.config import Config, variants_differ
 from serving.errors import BadRequest, Conflict, Forbidden, NotFound, ServingError, TooManyRequests, Unavailable
@@ -29,7 +29,6 @@ from serving.metrics import Metrics
 from serving.protocol import (
     answer_text,
     engine_error,
-    new_request_id,
     parse_chunk,
     parse_request,
     prompt_chars,
@@ -47,16 +46,6 @@ logger = logging.getLogger("serving.router")
 MAX_PENDING_SIGNALS = 50_000  # signals waiting for the controller; the oldest go first if it is away
 DESCRIBE_TIMEOUT_S = 5.0
 PHASES = ("idle", "progressing", "promoted", "rolled_back")
-
-
-@dataclass
-class Answered:
-    """Who answered a response, kept so that feedback on it can be attributed, once."""
-
-    tenant: str
-    tier: str
-    variant: str
-    voted: bool = False
 
 
 class RateLimit:
@@ -79,20 +68,22 @@ class RateLimit:
         return 0.0
 
 
-class AnswerLog:
-    """The most recent response ids this replica served (bounded: the oldest are forgotten)."""
+class Votes:
+    """Response ids this replica took feedback on (bounded: the oldest are forgotten). Votes that
+    reach two replicas are counted once by the controller, which sees every replica's."""
 
     def __init__(self, capacity: int = 100_000) -> None:
         self.capacity = capacity
-        self.entries: OrderedDict[str, Answered] = OrderedDict()
+        self.ids: OrderedDict[str, None] = OrderedDict()
 
-    def remember(self, response_id: str, answered: Answered) -> None:
-        self.entries[response_id] = answered
-        if len(self.entries) > self.capacity:
-            self.entries.popitem(last=False)
-
-    def find(self, response_id: str) -> Answered | None:
-        return self.entries.get(response_id)
+    def add(self, response_id: str) -> bool:
+        """Records a vote; False if this response already had one."""
+        if response_id in self.ids:
+            return False
+        self.ids[response_id] = None
+        if len(self.ids) > self.capacity:
+            self.ids.popitem(last=False)
+        return True
 
 
 class RouterCore:
@@ -117,9 +108,11 @@ class RouterCore:
             noise_floor_rate=config.shadowing.noise_floor_rate,
             tracer=self.tracer,
         )
-        self.answers = AnswerLog()
+        self.votes = Votes()
         self.feedback_limit = RateLimit(config.limits.feedback_per_minute)
-        self.sticky_secret: bytes | None = None  # from the controller, shared by every router replica
+        # From the controller, shared by every router replica: keys the sticky split and signs response ids.
+        self.secret: bytes | None = None
+        self.local_key = secrets.token_bytes(32)  # signs until the controller's secret arrives
         self.readiness = Readiness()
         self.engine_facts: dict[str, dict[str, Any]] = {}
         # Live weights from the rollout controller; None (no controller, e.g. in tests) means the config's.
@@ -182,6 +175,11 @@ class RouterCore:
                 if count > seen.get(reason, 0):
                     self.metrics.rollbacks.labels(tier, reason).inc(count - seen.get(reason, 0))
                     seen[reason] = count
+
+    def signing_keys(self) -> list[bytes]:
+        """The key that signs response ids first; ids signed before the controller's secret arrived still verify."""
+        shared = [attribution.key_from(self.secret)] if self.secret else []
+        return [*shared, self.local_key]
 
     async def describe_variants(self) -> dict[str, dict[str, Any]]:
         """Each variant's precision, activation dtype, kernels and provenance, as /v1/models shows them."""
@@ -249,7 +247,6 @@ class RouterCore:
         self.check_prompt_length(config, kind, body)
         parsed = parse_request(kind, body)
         limits.enforce(config.limits, kind, parsed)
-        parsed.request_id = new_request_id()
 
         tier = config.tiers[principal.tier]
         override = request.headers.get("x-variant")
@@ -264,10 +261,12 @@ class RouterCore:
                 sticky,
                 config.variants,
                 override,
-                self.sticky_secret,
+                self.secret,
             )
             route_span.set_attributes({"tier": principal.tier, "variant": decision.variant, "reason": decision.reason})
         span.set_attributes({"tenant": principal.tenant, "tier": principal.tier, "variant": decision.variant})
+        # The engine names its response after this id: it carries, signed, who answered (for feedback).
+        parsed.request_id = attribution.sign(self.signing_keys()[0], principal.tenant, principal.tier, decision.variant)
         if decision.reason == "override":
             self.metrics.overrides.labels(decision.variant, principal.tier, "routing").inc()
             logger.info(
@@ -293,13 +292,9 @@ class RouterCore:
         label = body.get("label")
         if label is not None and not isinstance(label, str):
             raise BadRequest("label must be a string", param="label", code="invalid_parameter")
-        answered = self.answers.find(response_id)
-        if answered is None:
-            raise NotFound(f"no response {response_id!r} is known here", param="response_id", code="response_not_found")
+        answered = attribution.verify(self.signing_keys(), response_id, config.limits.feedback_max_age_s)
         if answered.tenant != principal.tenant:
             raise Forbidden("that response was given to another tenant", param="response_id", code="other_tenant")
-        if answered.voted:  # one vote per response: repeats cannot trip, or hide, a rollback
-            raise Conflict("feedback on this response was already recorded", param="response_id", code="duplicate")
         wait_s = self.feedback_limit.take(principal.key_id)
         if wait_s:
             raise TooManyRequests(
@@ -307,9 +302,10 @@ class RouterCore:
                 code="feedback_rate_limited",
                 headers={"retry-after": str(max(1, round(wait_s)))},
             )
-        answered.voted = True
+        if not self.votes.add(response_id):  # one vote per response: repeats cannot trip, or hide, a rollback
+            raise Conflict("feedback on this response was already recorded", param="response_id", code="duplicate")
         self.metrics.feedback.labels(answered.variant, answered.tier).inc()
-        self.signals.append(("feedback", answered.tier, answered.variant, overridden))
+        self.signals.append(("feedback", answered.tier, answered.variant, overridden, response_id))
         if overridden:
             self.metrics.overrides.labels(answered.variant, answered.tier, "feedback").inc()
             logger.info(
@@ -358,7 +354,6 @@ class Call:
         metrics.time_to_first_token.labels(*self.labels).observe(first_at - self.started)
         if hasattr(first, "model_dump"):  # a whole, non-streaming response
             self.finish(
-                first.id,
                 answer_text(self.kind, first),
                 first.usage.completion_tokens,
                 first.usage.prompt_tokens,
@@ -369,7 +364,6 @@ class Call:
 
     async def relay(self, first: Any, rest: AsyncIterator[Any], first_at: float) -> AsyncIterator[str]:
         text: list[str] = []
-        response_id = ""
         chunks = 0
         engine_failed = False
         try:
@@ -379,7 +373,6 @@ class Call:
                     if chunk is None:
                         continue
                     engine_failed = engine_failed or "error" in chunk  # the engine's own error event
-                    response_id = response_id or str(chunk.get("id", ""))
                     for choice in chunk.get("choices") or []:
                         piece = (
                             (choice.get("delta") or {}).get("content") if self.kind == "chat" else choice.get("text")
@@ -397,11 +390,9 @@ class Call:
         if engine_failed:
             self.count("error")
             return
-        self.finish(response_id, "".join(text), chunks, None, first_at)
+        self.finish("".join(text), chunks, None, first_at)
 
-    def finish(
-        self, response_id: str, text: str, completion_tokens: int | None, prompt_tokens: int | None, first_at: float
-    ) -> None:
+    def finish(self, text: str, completion_tokens: int | None, prompt_tokens: int | None, first_at: float) -> None:
         metrics, now = self.core.metrics, time.monotonic()
         metrics.request_duration.labels(*self.labels).observe(now - self.started)
         if completion_tokens and completion_tokens > 1 and now > first_at:
@@ -411,8 +402,6 @@ class Call:
         if prompt_tokens:
             metrics.tokens.labels(self.variant, self.principal.tier, "in").inc(prompt_tokens)
         self.count("ok")
-        if response_id:
-            self.core.answers.remember(response_id, Answered(self.principal.tenant, self.principal.tier, self.variant))
         if self.shadow is not None:
             target, pair_kind = self.shadow
             self.core.shadower.submit(

@@ -81,6 +81,11 @@ class FakeVariant:
             ).split()
         return str(request.prompt).split()
 
+    def response_id(self, kind: Kind, request: Any) -> str:
+        """Named after the request id, as vLLM names its responses."""
+        request_id = getattr(request, "request_id", None) or f"{self.name}-{len(self.requests)}"
+        return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{request_id}"
+
     @staticmethod
     def token(word: str) -> int:
         return sum(word.encode()) % 1000
@@ -110,7 +115,7 @@ class FakeVariant:
         if getattr(request, "stream", False):
             for piece in text.split(" "):
                 chunk = {
-                    "id": f"fake-{len(self.requests)}",
+                    "id": self.response_id(kind, request),
                     "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
                     "model": request.model,
                     "choices": [{"index": 0, "delta": {"content": piece + " "}, "text": piece + " "}],
@@ -119,7 +124,7 @@ class FakeVariant:
                 if self.fail_midstream is not None:
                     raise self.fail_midstream
             return
-        extra: dict[str, Any] = {"id": f"fake-{self.name}-{len(self.requests)}", "model": request.model, "usage": usage}
+        extra: dict[str, Any] = {"id": self.response_id(kind, request), "model": request.model, "usage": usage}
         if getattr(request, "prompt_logprobs", None) is not None:
             ids = [self.token(w) for w in prompt]
             extra["prompt_token_ids"] = ids

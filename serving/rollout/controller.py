@@ -50,8 +50,9 @@ class Rollout:
                 self.state = store.quarantine(config.rollback.state_file, f"its config is invalid: {exc}")
         self.config = config
         self.version = int(self.state.get("version", 1)) if restarted else 1
-        # Keys the sticky split (serving.routing); kept with the state so buckets survive restarts.
-        self.state.setdefault("sticky_secret", secrets.token_hex(32))
+        # Keys the sticky split (serving.routing) and signs response ids (serving.attribution); kept with
+        # the state, so buckets and feedback ids survive restarts.
+        self.state.setdefault("secret", secrets.token_hex(32))
         self.latest: dict[str, list[dict[str, Any]]] = {}
         self.rollback_counts: dict[str, dict[str, int]] = {}
         self.apply_tiers(config, first=True)
@@ -117,6 +118,7 @@ class Rollout:
 
     def window(self, name: str, tier: TierConfig, since: float) -> checks.Window:
         w = checks.Window()
+        voted: set[str] = set()
         for at, event in self.events:
             if at < since or event[1] != name:
                 continue
@@ -141,7 +143,10 @@ class Rollout:
                     if drift is not None:
                         w.drifts.append(drift)
             elif kind == "feedback":
-                _, _, variant, overridden = event
+                _, _, variant, overridden, response_id = event
+                if response_id in voted:  # one vote per answer, whichever router replica took it
+                    continue
+                voted.add(response_id)
                 if overridden and variant == tier.candidate:
                     w.candidate_overrides += 1
                 elif overridden and variant == tier.baseline:
@@ -224,7 +229,7 @@ class Rollout:
             "weights": self.weights(),
             "phases": {name: record["phase"] for name, record in self.state["tiers"].items()},
             "rollbacks": self.rollback_counts,
-            "sticky_secret": self.state["sticky_secret"],
+            "secret": self.state["secret"],
             "fail_safe": self.state.get("fail_safe"),
         }
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
-from serving import routing
+from serving import attribution, routing
 from serving.config import load_config
 from serving.router import RateLimit, RouterCore, create_app
 from serving.variants import FakeVariant
@@ -178,7 +178,7 @@ async def test_repeated_feedback_on_one_response_counts_once(client: httpx.Async
         assert (again.status_code, again.json()["error"]["code"]) == (409, "duplicate")
     labels = {"variant": "fp16", "tier": "premium", "kind": "feedback"}
     assert core.metrics.registry.get_sample_value("serving_overrides_total", labels) == 1
-    assert [s for s in core.signals if s[0] == "feedback"] == [("feedback", "premium", "fp16", True)]
+    assert [s for s in core.signals if s[0] == "feedback"] == [("feedback", "premium", "fp16", True, response_id)]
 
 
 async def test_feedback_is_rate_limited_per_key_with_retry_after(client: httpx.AsyncClient, core: RouterCore) -> None:
@@ -254,5 +254,6 @@ async def test_engine_requests_run_under_ids_the_server_chose(client: httpx.Asyn
     sent = core.variants["fp16"].requests  # type: ignore[attr-defined]
     ids = [request.request_id for request in sent]
     assert len(set(ids)) == 2
-    assert all(len(i) == 32 and "mine" not in i for i in ids)
+    assert all("mine" not in i for i in ids)
+    assert all(attribution.verify(core.signing_keys(), i, 60).variant == "fp16" for i in ids)
     assert all("request_id" in request.model_fields_set for request in sent)  # so Ray Serve keeps it

@@ -253,19 +253,20 @@ def test_a_rollback_that_cannot_be_saved_still_holds_the_candidate_at_zero(
     assert rollout.weights()["batch"] == 0.0
 
 
-def test_the_state_file_is_private_and_keeps_the_sticky_secret(tmp_path: Path) -> None:
+def test_the_state_file_is_private_and_keeps_the_secret(tmp_path: Path) -> None:
     config = demo_config(tmp_path)
     first = Rollout(config, Clock())
     assert oct(config.rollback.state_file.stat().st_mode & 0o777) == "0o600"
-    secret = first.snapshot(0)["sticky_secret"]
+    secret = first.snapshot(0)["secret"]
     assert len(bytes.fromhex(secret)) == 32
-    assert Rollout(config, Clock(), restarted=True).snapshot(0)["sticky_secret"] == secret  # buckets survive
+    assert Rollout(config, Clock(), restarted=True).snapshot(0)["secret"] == secret  # buckets survive
     assert list(tmp_path.glob("*.tmp")) == []
 
 
 def test_override_votes_never_outnumber_the_answers_they_judge(tmp_path: Path) -> None:
     rollout = Rollout(demo_config(tmp_path), Clock())
     tier = rollout.config.tiers["batch"]
-    rollout.report([("request", "batch", "awq", 0.1, True)] * 3 + [("feedback", "batch", "awq", True)] * 40)
+    votes = [("feedback", "batch", "awq", True, f"cmpl-{i}") for i in range(40)]
+    rollout.report([("request", "batch", "awq", 0.1, True)] * 3 + votes)
     window = rollout.window("batch", tier, 0.0)
     assert (window.candidate_requests, window.candidate_overrides) == (3, 3)

@@ -149,7 +149,7 @@ async def test_feedback_counts_overrides_for_the_variant_that_answered() -> None
             json={"response_id": "nope", "overridden": True},
             headers={"authorization": "Bearer demo-premium"},
         )
-        assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "response_not_found")
+        assert (unknown.status_code, unknown.json()["error"]["code"]) == (400, "bad_id")  # not an id we signed
         bad = await client.post(
             "/v1/feedback",
             json={"response_id": response_id, "overridden": "yes"},
