@@ -109,7 +109,12 @@ class RollbackConfig(Strict):
     min_samples: int = Field(30, ge=5, description="a check judges only once its window holds this many")
     confidence_z: float = Field(2.576, gt=0, description="z of the Wilson bound on rates (2.576: 99 %)")
     max_error_rate: float = Field(0.02, ge=0, le=1, description="candidate error rate (lower bound)")
-    max_p99_latency_ratio: float = Field(3.0, gt=1, description="candidate p99 / baseline p99")
+    latency_quantile: float = Field(
+        0.95, gt=0.5, lt=1, description="quantile of TTFT and TPOT judged; p99 needs ~900 samples, p95 ~140"
+    )
+    max_latency_ratio: float = Field(
+        2.0, gt=1, description="candidate / baseline at that quantile, for TTFT and TPOT, by confidence bounds"
+    )
     max_disagreement_rate: float = Field(0.5, ge=0, le=1, description="lower bound above the noise floor")
     max_score_drift: float = Field(0.05, ge=0, description="mean |delta log-prob| per token above the floor")
     max_override_rate_delta: float = Field(0.05, ge=0, le=1, description="candidate minus baseline")

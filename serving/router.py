@@ -401,18 +401,26 @@ class Call:
             metrics.tokens.labels(self.variant, self.principal.tier, "out").inc(completion_tokens)
         if prompt_tokens:
             metrics.tokens.labels(self.variant, self.principal.tier, "in").inc(prompt_tokens)
-        self.count("ok")
+        # What the rollout judges: what a precision changes, not what the answer's length does.
+        streamed = prompt_tokens is None
+        if streamed:  # a first token is observable only in a stream
+            ttft: float | None = first_at - self.started
+            tpot = (now - first_at) / (completion_tokens - 1) if completion_tokens and completion_tokens > 1 else None
+        else:  # a whole answer: its time per output token, prompt processing included
+            ttft, tpot = None, (now - self.started) / completion_tokens if completion_tokens else None
+        self.count("ok", ttft, tpot)
         if self.shadow is not None:
             target, pair_kind = self.shadow
             self.core.shadower.submit(
                 self.principal.tier, self.variant, target, pair_kind, self.kind, self.parsed, text
             )
 
-    def count(self, outcome: str) -> None:
+    def count(self, outcome: str, ttft: float | None = None, tpot: float | None = None) -> None:
         self.core.metrics.requests.labels(*self.labels, outcome).inc()
         if outcome != "rejected":  # a request the engine refused as invalid says nothing of the variant
             latency = time.monotonic() - self.started
-            self.core.signals.append(("request", self.principal.tier, self.variant, latency, outcome == "ok"))
+            signal = ("request", self.principal.tier, self.variant, latency, outcome == "ok", ttft, tpot)
+            self.core.signals.append(signal)
 
 
 Hook = Callable[[], Awaitable[None]]

@@ -124,14 +124,20 @@ class Rollout:
                 continue
             kind = event[0]
             if kind == "request":
-                _, _, variant, latency, ok = event
+                _, _, variant, _latency, ok, ttft, tpot = event
                 if variant == tier.candidate:
                     w.candidate_requests += 1
                     w.candidate_errors += 0 if ok else 1
-                    w.candidate_latencies.append(latency)
+                    ttfts, tpots = w.candidate_ttfts, w.candidate_tpots
                 elif variant == tier.baseline:
                     w.baseline_requests += 1
-                    w.baseline_latencies.append(latency)
+                    ttfts, tpots = w.baseline_ttfts, w.baseline_tpots
+                else:
+                    continue
+                if ok and ttft is not None:
+                    ttfts.append(ttft)
+                if ok and tpot is not None:
+                    tpots.append(tpot)
             elif kind == "comparison":
                 _, _, primary, _, pair_kind, disagree, drift = event
                 if pair_kind == "noise_floor":
@@ -163,7 +169,8 @@ class Rollout:
             min_samples=r.min_samples,
             confidence_z=r.confidence_z,
             max_error_rate=r.max_error_rate,
-            max_p99_latency_ratio=r.max_p99_latency_ratio,
+            latency_quantile=r.latency_quantile,
+            max_latency_ratio=r.max_latency_ratio,
             max_disagreement_rate=r.max_disagreement_rate,
             max_score_drift=r.max_score_drift,
             max_override_rate_delta=r.max_override_rate_delta,

@@ -16,7 +16,8 @@ T = checks.Thresholds(
     min_samples=30,
     confidence_z=2.576,
     max_error_rate=0.02,
-    max_p99_latency_ratio=5.0,
+    latency_quantile=0.95,
+    max_latency_ratio=2.0,
     max_disagreement_rate=0.8,
     max_score_drift=0.05,
     max_override_rate_delta=0.05,
@@ -60,20 +61,23 @@ def test_error_rate_latency_and_override_checks() -> None:
     assert by_check(errors)["error_rate"].failed
     one_error = checks.Window(candidate_requests=40, candidate_errors=1)
     assert not by_check(one_error)["error_rate"].failed  # 2.5 % observed, but the lower bound is far below 2 %
-    slow = checks.Window(candidate_latencies=[1.0] * 40, baseline_latencies=[0.1] * 40)
-    assert by_check(slow)["p99_latency_ratio"].failed
+    slow = checks.Window(candidate_ttfts=[1.0] * 200, baseline_ttfts=[0.1] * 200)
+    assert by_check(slow)["ttft_ratio"].failed
+    slow = checks.Window(candidate_tpots=[0.05] * 200, baseline_tpots=[0.01] * 200)
+    assert by_check(slow)["tpot_ratio"].failed
     overridden = checks.Window(candidate_requests=50, baseline_requests=50, candidate_overrides=10)
     assert by_check(overridden)["override_rate"].failed
 
 
 def test_a_candidate_judged_against_itself_never_trips() -> None:
     """The false-trip rate, computed: a candidate that is the baseline's own variant disagrees and
-    drifts only as much as the noise floor. 5,000 windows of 30 to 200 comparisons, with a noise
-    floor that disagrees 30 % of the time (temperature > 0) and drifts ~0.02 per token."""
+    drifts only as much as the noise floor, and is as fast. 5,000 windows of 30 to 1,000 requests, with a
+    noise floor that disagrees 30 % of the time (temperature > 0) and drifts ~0.02 per token, and
+    heavy-tailed latencies with a few cold starts 20 times slower, on either side."""
     rng = random.Random(1)
-    comparisons = trips = 0
+    comparisons = trips = latency_judged = 0
     for _ in range(5000):
-        n = rng.randint(30, 200)
+        n = rng.randint(30, 1000)
         window = checks.Window(
             disagreements=[rng.random() < 0.3 for _ in range(n)],
             drifts=[abs(rng.gauss(0.02, 0.01)) for _ in range(n)],
@@ -82,13 +86,47 @@ def test_a_candidate_judged_against_itself_never_trips() -> None:
             candidate_requests=n,
             baseline_requests=n,
             candidate_errors=sum(rng.random() < 0.001 for _ in range(n)),
-            candidate_latencies=[rng.lognormvariate(-2.5, 0.3) for _ in range(n)],
-            baseline_latencies=[rng.lognormvariate(-2.5, 0.3) for _ in range(n)],
+            candidate_ttfts=latencies(rng, n),
+            baseline_ttfts=latencies(rng, n),
+            candidate_tpots=latencies(rng, n, median=0.01),
+            baseline_tpots=latencies(rng, n, median=0.01),
         )
         comparisons += n
-        trips += any(v.failed for v in checks.evaluate(window, T))
-    assert comparisons > 100_000
+        verdicts = checks.evaluate(window, T)
+        trips += any(v.failed for v in verdicts)
+        latency_judged += any(v.value is not None for v in verdicts if v.check in ("ttft_ratio", "tpot_ratio"))
+    assert comparisons > 1_000_000
+    assert latency_judged > 4000  # the latency checks really judged most windows
     assert trips == 0
+
+
+def latencies(rng: random.Random, n: int, median: float = 0.08) -> list[float]:
+    """Log-normal latencies, 1 % of them cold starts 20 times slower."""
+    return [median * rng.lognormvariate(0, 0.4) * (20 if rng.random() < 0.01 else 1) for _ in range(n)]
+
+
+def test_a_real_latency_regression_trips_once_the_quantile_can_be_bounded() -> None:
+    rng = random.Random(2)
+    for n, judged in ((100, False), (400, True)):
+        window = checks.Window(
+            candidate_tpots=[3 * x for x in latencies(rng, n, median=0.01)],
+            baseline_tpots=latencies(rng, n, median=0.01),
+        )
+        verdict = by_check(window)["tpot_ratio"]
+        assert (verdict.value is not None, verdict.failed) == (judged, judged)
+
+
+def test_quantile_bounds_cover_the_true_quantile() -> None:
+    """The interval holds the true p95 of a log-normal in at least 99 % of 2,000 draws of 300 (z = 2.576)."""
+    rng = random.Random(3)
+    true_p95 = 2.718281828 ** (1.6448536 * 0.5)  # exp(z_0.95 * sigma) with sigma 0.5
+    covered = 0
+    for _ in range(2000):
+        bounds = checks.quantile_bounds([rng.lognormvariate(0, 0.5) for _ in range(300)], 0.95, 2.576)
+        assert bounds is not None
+        covered += bounds[0] <= true_p95 <= bounds[1]
+    assert covered / 2000 >= 0.985
+    assert checks.quantile_bounds([1.0] * 100, 0.99, 2.576) is None  # p99 needs far more than 100
 
 
 @pytest.mark.parametrize(("start", "event", "end"), [(k[0], k[1], v) for k, v in TRANSITIONS.items()])
@@ -160,7 +198,7 @@ def test_a_failing_candidate_goes_to_zero_is_persisted_and_stays_rolled_back(tmp
 def test_a_healthy_candidate_is_not_rolled_back(tmp_path: Path) -> None:
     rollout = Rollout(demo_config(tmp_path), Clock())
     rollout.report([("comparison", "standard", "int8", "fp16", "candidate", i % 2 == 0, 0.005) for i in range(200)])
-    rollout.report([("request", "standard", v, 0.08, True) for v in ("int8", "fp16") for _ in range(100)])
+    rollout.report([("request", "standard", v, 0.08, True, 0.02, 0.01) for v in ("int8", "fp16") for _ in range(100)])
     assert rollout.evaluate() == []
     checks_seen = {c["check"]: c for c in rollout.status()["tiers"]["standard"]["checks"]}
     assert checks_seen["score_drift"]["value"] == pytest.approx(0.005)
@@ -267,6 +305,6 @@ def test_override_votes_never_outnumber_the_answers_they_judge(tmp_path: Path) -
     rollout = Rollout(demo_config(tmp_path), Clock())
     tier = rollout.config.tiers["batch"]
     votes = [("feedback", "batch", "awq", True, f"cmpl-{i}") for i in range(40)]
-    rollout.report([("request", "batch", "awq", 0.1, True)] * 3 + votes)
+    rollout.report([("request", "batch", "awq", 0.1, True, None, 0.01)] * 3 + votes)
     window = rollout.window("batch", tier, 0.0)
     assert (window.candidate_requests, window.candidate_overrides) == (3, 3)
