@@ -37,6 +37,7 @@ from serving.protocol import (
     sse_error,
 )
 from serving.readiness import Readiness
+from serving.rollout.signals import FeedbackSignal, RequestSignal, Signal
 from serving.shadow import Shadower
 from serving.tracing import make_tracer, trace_id_hex
 from serving.variants import Kind, VariantClient
@@ -119,7 +120,7 @@ class RouterCore:
         self.live_weights: dict[str, float] | None = None
         self.weights_changed_at: dict[str, float] = {}
         self.rollbacks_seen: dict[str, dict[str, int]] = {}
-        self.signals: deque[tuple[Any, ...]] = deque(maxlen=MAX_PENDING_SIGNALS)
+        self.signals: deque[Signal] = deque(maxlen=MAX_PENDING_SIGNALS)
         self.shadower.on_compared = self.signals.append
         self.rollout_status: Callable[[], Awaitable[dict[str, Any]]] | None = None
         self.config_version = 0
@@ -151,7 +152,7 @@ class RouterCore:
             return config.tiers[tier].weight
         return self.live_weights.get(tier, 0.0)
 
-    def drain_signals(self) -> list[tuple[Any, ...]]:
+    def drain_signals(self) -> list[Signal]:
         drained = list(self.signals)
         self.signals.clear()
         return drained
@@ -305,7 +306,7 @@ class RouterCore:
         if not self.votes.add(response_id):  # one vote per response: repeats cannot trip, or hide, a rollback
             raise Conflict("feedback on this response was already recorded", param="response_id", code="duplicate")
         self.metrics.feedback.labels(answered.variant, answered.tier).inc()
-        self.signals.append(("feedback", answered.tier, answered.variant, overridden, response_id))
+        self.signals.append(FeedbackSignal(answered.tier, answered.variant, overridden, response_id))
         if overridden:
             self.metrics.overrides.labels(answered.variant, answered.tier, "feedback").inc()
             logger.info(
@@ -419,7 +420,7 @@ class Call:
         self.core.metrics.requests.labels(*self.labels, outcome).inc()
         if outcome != "rejected":  # a request the engine refused as invalid says nothing of the variant
             latency = time.monotonic() - self.started
-            signal = ("request", self.principal.tier, self.variant, latency, outcome == "ok", ttft, tpot)
+            signal = RequestSignal(self.principal.tier, self.variant, outcome == "ok", latency, ttft, tpot)
             self.core.signals.append(signal)
 
 

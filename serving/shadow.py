@@ -24,6 +24,7 @@ from opentelemetry import trace
 from serving import compare
 from serving.metrics import Metrics
 from serving.protocol import answer_text, new_request_id
+from serving.rollout.signals import ComparisonSignal
 from serving.variants import Kind, VariantClient
 
 logger = logging.getLogger("serving.shadow")
@@ -47,7 +48,7 @@ class Shadower:
         self.rng = rng or random.Random()
         self.tracer = tracer or trace.get_tracer("serving.shadow")
         self.tasks: set[asyncio.Task[None]] = set()
-        self.on_compared: Callable[[tuple[Any, ...]], None] | None = None  # signals for the rollout controller
+        self.on_compared: Callable[[ComparisonSignal], None] | None = None  # signals for the rollout controller
 
     def pick_target(self, primary: str, target: str, rate: float) -> tuple[str, str] | None:
         """Whether to shadow this request, and against what: (target, kind). A share of the sampled
@@ -94,7 +95,7 @@ class Shadower:
         if result.score_drift is not None:
             self.metrics.score_drift.labels(*labels).observe(result.score_drift)
         if self.on_compared is not None:
-            self.on_compared(("comparison", *labels, result.disagree, result.score_drift))
+            self.on_compared(ComparisonSignal(*labels, result.disagree, result.score_drift))
 
     async def compare_pair(
         self, kind: Kind, request: Any, primary: str, target: str, primary_text: str

@@ -22,8 +22,9 @@ from typing import Any
 import ray
 
 from serving.config import Config, TierConfig
-from serving.rollout import checks, store
+from serving.rollout import checks, signals, store
 from serving.rollout.phases import Event, Phase, next_phase
+from serving.rollout.signals import ComparisonSignal, FeedbackSignal, RequestSignal, Signal
 
 logger = logging.getLogger("serving.rollout")
 
@@ -41,7 +42,7 @@ class Rollout:
         """`restarted`: this is the same controller coming back after a crash, so the last applied
         config (persisted with the state) wins over the one it was first created with."""
         self.clock = clock
-        self.events: deque[tuple[float, tuple[Any, ...]]] = deque()
+        self.events: deque[tuple[float, Signal]] = deque()
         self.state = store.load_state(config.rollback.state_file)
         if restarted and "config" in self.state:
             try:
@@ -109,9 +110,14 @@ class Rollout:
         return live
 
     # -- signals ------------------------------------------------------------------------------------
-    def report(self, events: list[tuple[Any, ...]]) -> None:
+    def report(self, events: list[Signal]) -> None:
         now = self.clock()
-        self.events.extend((now, e) for e in events)
+        current = [e for e in events if e.version == signals.VERSION]
+        if len(current) < len(events):
+            logger.warning(
+                "dropped %d signals of another version (a redeploy in progress?)", len(events) - len(current)
+            )
+        self.events.extend((now, e) for e in current)
         horizon = now - self.config.rollback.window_s
         while self.events and self.events[0][0] < horizon:
             self.events.popleft()
@@ -120,42 +126,38 @@ class Rollout:
         w = checks.Window()
         voted: set[str] = set()
         for at, event in self.events:
-            if at < since or event[1] != name:
+            if at < since or event.tier != name:
                 continue
-            kind = event[0]
-            if kind == "request":
-                _, _, variant, _latency, ok, ttft, tpot = event
-                if variant == tier.candidate:
+            if isinstance(event, RequestSignal):
+                if event.variant == tier.candidate:
                     w.candidate_requests += 1
-                    w.candidate_errors += 0 if ok else 1
+                    w.candidate_errors += 0 if event.ok else 1
                     ttfts, tpots = w.candidate_ttfts, w.candidate_tpots
-                elif variant == tier.baseline:
+                elif event.variant == tier.baseline:
                     w.baseline_requests += 1
                     ttfts, tpots = w.baseline_ttfts, w.baseline_tpots
                 else:
                     continue
-                if ok and ttft is not None:
-                    ttfts.append(ttft)
-                if ok and tpot is not None:
-                    tpots.append(tpot)
-            elif kind == "comparison":
-                _, _, primary, _, pair_kind, disagree, drift = event
-                if pair_kind == "noise_floor":
-                    w.floor_disagreements.append(disagree)
-                    if drift is not None:
-                        w.floor_drifts.append(drift)
-                elif primary == tier.candidate:
-                    w.disagreements.append(disagree)
-                    if drift is not None:
-                        w.drifts.append(drift)
-            elif kind == "feedback":
-                _, _, variant, overridden, response_id = event
-                if response_id in voted:  # one vote per answer, whichever router replica took it
+                if event.ok and event.ttft_s is not None:
+                    ttfts.append(event.ttft_s)
+                if event.ok and event.tpot_s is not None:
+                    tpots.append(event.tpot_s)
+            elif isinstance(event, ComparisonSignal):
+                if event.pair == "noise_floor":
+                    w.floor_disagreements.append(event.disagree)
+                    if event.drift is not None:
+                        w.floor_drifts.append(event.drift)
+                elif event.primary == tier.candidate:
+                    w.disagreements.append(event.disagree)
+                    if event.drift is not None:
+                        w.drifts.append(event.drift)
+            elif isinstance(event, FeedbackSignal):
+                if event.response_id in voted:  # one vote per answer, whichever router replica took it
                     continue
-                voted.add(response_id)
-                if overridden and variant == tier.candidate:
+                voted.add(event.response_id)
+                if event.overridden and event.variant == tier.candidate:
                     w.candidate_overrides += 1
-                elif overridden and variant == tier.baseline:
+                elif event.overridden and event.variant == tier.baseline:
                     w.baseline_overrides += 1
         # Votes on answers from before the window must not outnumber the answers in it: a rate stays a rate.
         w.candidate_overrides = min(w.candidate_overrides, w.candidate_requests)
@@ -293,7 +295,7 @@ class RolloutController:
         await self.ensure_loop()
         return self.rollout.snapshot(known_version)
 
-    async def report(self, events: list[tuple[Any, ...]]) -> None:
+    async def report(self, events: list[Signal]) -> None:
         self.rollout.report(events)
 
     async def apply(self, config_json: str) -> int:

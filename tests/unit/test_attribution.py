@@ -13,6 +13,7 @@ from serving import attribution
 from serving.config import load_config
 from serving.errors import BadRequest, NotFound
 from serving.rollout.controller import Rollout
+from serving.rollout.signals import FeedbackSignal, RequestSignal, Signal
 from serving.router import RouterCore, create_app
 from serving.variants import FakeVariant
 from tests.unit.test_rollout import Clock, demo_config
@@ -102,7 +103,7 @@ async def test_ids_signed_before_the_controller_secret_arrived_still_verify() ->
 def test_the_controller_counts_one_vote_per_response_whichever_replicas_took_it(tmp_path: Path) -> None:
     rollout = Rollout(demo_config(tmp_path), Clock())
     tier = rollout.config.tiers["batch"]
-    requests = [("request", "batch", "awq", 0.1, True, None, 0.01)] * 10
-    same_vote_at_two_replicas = [("feedback", "batch", "awq", True, "chatcmpl-1")] * 2
-    rollout.report(requests + same_vote_at_two_replicas + [("feedback", "batch", "awq", True, "chatcmpl-2")])
+    requests: list[Signal] = [RequestSignal("batch", "awq", True, 0.1, None, 0.01)] * 10
+    same_vote_at_two_replicas = [FeedbackSignal("batch", "awq", True, "chatcmpl-1")] * 2
+    rollout.report(requests + same_vote_at_two_replicas + [FeedbackSignal("batch", "awq", True, "chatcmpl-2")])
     assert rollout.window("batch", tier, 0.0).candidate_overrides == 2

@@ -15,6 +15,7 @@ from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionReq
 
 from serving import attribution, routing
 from serving.config import load_config
+from serving.rollout.signals import FeedbackSignal, RequestSignal
 from serving.router import RateLimit, RouterCore, create_app
 from serving.variants import FakeVariant
 
@@ -178,7 +179,9 @@ async def test_repeated_feedback_on_one_response_counts_once(client: httpx.Async
         assert (again.status_code, again.json()["error"]["code"]) == (409, "duplicate")
     labels = {"variant": "fp16", "tier": "premium", "kind": "feedback"}
     assert core.metrics.registry.get_sample_value("serving_overrides_total", labels) == 1
-    assert [s for s in core.signals if s[0] == "feedback"] == [("feedback", "premium", "fp16", True, response_id)]
+    assert [s for s in core.signals if isinstance(s, FeedbackSignal)] == [
+        FeedbackSignal("premium", "fp16", True, response_id)
+    ]
 
 
 async def test_feedback_is_rate_limited_per_key_with_retry_after(client: httpx.AsyncClient, core: RouterCore) -> None:
@@ -228,8 +231,8 @@ async def test_a_stream_cut_by_an_engine_failure_ends_with_an_error_event_and_is
     labels = {"variant": "fp16", "tier": "premium", "role": "primary", "outcome": "error"}
     assert core.metrics.registry.get_sample_value("serving_requests_total", labels) == 1
     assert core.metrics.registry.get_sample_value("serving_requests_total", {**labels, "outcome": "ok"}) is None
-    (signal,) = [s for s in core.signals if s[0] == "request"]
-    assert signal[4] is False  # the error-rate check sees it
+    (signal,) = [s for s in core.signals if isinstance(s, RequestSignal)]
+    assert signal.ok is False  # the error-rate check sees it
 
 
 async def test_an_engine_error_event_in_a_stream_is_counted_as_an_error(

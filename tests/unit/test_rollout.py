@@ -10,6 +10,7 @@ from serving.config import Config, load_config
 from serving.rollout import checks, store
 from serving.rollout.controller import Rollout
 from serving.rollout.phases import TRANSITIONS, Event, InvalidTransition, Phase, next_phase
+from serving.rollout.signals import ComparisonSignal, FeedbackSignal, RequestSignal, Signal
 
 REPO = Path(__file__).resolve().parents[2]
 T = checks.Thresholds(
@@ -155,8 +156,8 @@ def demo_config(tmp_path: Path, **batch: object) -> Config:
     return config.model_copy(update={"tiers": tiers, "rollback": rollback})
 
 
-def awq_signals(n: int) -> list[tuple[object, ...]]:
-    return [("comparison", "batch", "awq", "fp16", "candidate", True, 0.15) for _ in range(n)]
+def awq_signals(n: int) -> list[Signal]:
+    return [ComparisonSignal("batch", "awq", "fp16", "candidate", True, 0.15) for _ in range(n)]
 
 
 def test_a_failing_candidate_goes_to_zero_is_persisted_and_stays_rolled_back(tmp_path: Path) -> None:
@@ -197,8 +198,8 @@ def test_a_failing_candidate_goes_to_zero_is_persisted_and_stays_rolled_back(tmp
 
 def test_a_healthy_candidate_is_not_rolled_back(tmp_path: Path) -> None:
     rollout = Rollout(demo_config(tmp_path), Clock())
-    rollout.report([("comparison", "standard", "int8", "fp16", "candidate", i % 2 == 0, 0.005) for i in range(200)])
-    rollout.report([("request", "standard", v, 0.08, True, 0.02, 0.01) for v in ("int8", "fp16") for _ in range(100)])
+    rollout.report([ComparisonSignal("standard", "int8", "fp16", "candidate", i % 2 == 0, 0.005) for i in range(200)])
+    rollout.report([RequestSignal("standard", v, True, 0.08, 0.02, 0.01) for v in ("int8", "fp16") for _ in range(100)])
     assert rollout.evaluate() == []
     checks_seen = {c["check"]: c for c in rollout.status()["tiers"]["standard"]["checks"]}
     assert checks_seen["score_drift"]["value"] == pytest.approx(0.005)
@@ -304,7 +305,16 @@ def test_the_state_file_is_private_and_keeps_the_secret(tmp_path: Path) -> None:
 def test_override_votes_never_outnumber_the_answers_they_judge(tmp_path: Path) -> None:
     rollout = Rollout(demo_config(tmp_path), Clock())
     tier = rollout.config.tiers["batch"]
-    votes = [("feedback", "batch", "awq", True, f"cmpl-{i}") for i in range(40)]
-    rollout.report([("request", "batch", "awq", 0.1, True, None, 0.01)] * 3 + votes)
+    votes: list[Signal] = [FeedbackSignal("batch", "awq", True, f"cmpl-{i}") for i in range(40)]
+    rollout.report([RequestSignal("batch", "awq", True, 0.1, None, 0.01)] * 3 + votes)
     window = rollout.window("batch", tier, 0.0)
     assert (window.candidate_requests, window.candidate_overrides) == (3, 3)
+
+
+def test_signals_of_another_version_are_dropped_not_misread(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rollout = Rollout(demo_config(tmp_path), Clock())
+    old = RequestSignal("batch", "awq", False, 0.1, None, None, version=1)
+    rollout.report([old, RequestSignal("batch", "awq", True, 0.1, None, 0.01)])
+    window = rollout.window("batch", rollout.config.tiers["batch"], 0.0)
+    assert (window.candidate_requests, window.candidate_errors) == (1, 0)
+    assert "dropped 1 signals of another version" in caplog.text

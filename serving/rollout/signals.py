@@ -1,0 +1,51 @@
+"""What routers tell the rollout controller: one typed record per event, declared here, next to the
+controller that reads them. They cross a Ray call (pickled), so a record's fields are its contract;
+`VERSION` changes whenever a field does, and the controller counts records of another version as
+dropped instead of misreading them (routers and controller may briefly run different code in a redeploy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+VERSION = 2
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSignal:
+    """One primary request, answered or failed."""
+
+    tier: str
+    variant: str
+    ok: bool
+    latency_s: float  # end to end; not judged (it grows with the answer's length)
+    ttft_s: float | None  # time to first token, where observable (streamed answers)
+    tpot_s: float | None  # time per output token
+    version: int = VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class ComparisonSignal:
+    """One shadow comparison of a primary answer with another variant's (or, for the noise floor, its own)."""
+
+    tier: str
+    primary: str
+    target: str
+    pair: str  # "candidate" | "noise_floor" | ... (serving.shadow's pair kinds)
+    disagree: bool
+    drift: float | None
+    version: int = VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackSignal:
+    """A person's verdict on one answer; `response_id` lets the controller count one vote per answer."""
+
+    tier: str
+    variant: str
+    overridden: bool
+    response_id: str
+    version: int = VERSION
+
+
+Signal = RequestSignal | ComparisonSignal | FeedbackSignal
