@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -73,10 +74,36 @@ def build_variant(variant: family.Variant, out: Path) -> None:
         ]
         # TQDM_MININTERVAL: llmcompressor draws a progress bar per layer; redraw each every few seconds only.
         env = {"TQDM_MININTERVAL": "5", **os.environ, "PYTHONPATH": str(REPO_ROOT)}
-        if subprocess.run(command, env=env, cwd=REPO_ROOT, check=False).returncode != 0:
-            raise BuildError(f"quantizing {variant.name} failed; its output is above")
+        run_quietly(command, env, out / f".{variant.folder}.build.log", variant.name)
     shutil.rmtree(target, ignore_errors=True)
     scratch.rename(target)
+
+
+# llmcompressor's sequential pipeline announces each stage of the model as "(3/5): Calibrating".
+STAGE = re.compile(r"\((\d+)/(\d+)\): Calibrating")
+
+
+def run_quietly(command: list[str], env: dict[str, str], log_path: Path, name: str) -> None:
+    """Runs a quantizer with its (long, library-level) output in a log file; the terminal gets one
+    progress line per stage of the model, and the log's tail if it fails."""
+    seen: set[str] = set()
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        assert process.stdout is not None
+        for line in process.stdout:
+            log.write(line)
+            for stage in STAGE.findall(line.replace("\r", "\n")):
+                key = "/".join(stage)
+                if key not in seen:
+                    seen.add(key)
+                    print(f"      {name}: calibrating stage {key}", flush=True)
+        code = process.wait()
+    if code != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-40:])
+        raise BuildError(f"quantizing {name} failed (exit {code}); the end of {log_path}:\n{tail}")
+    log_path.unlink()
 
 
 def build_family(

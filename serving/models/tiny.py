@@ -59,7 +59,9 @@ def build_fp16(out: Path) -> dict[str, Any]:
     """Writes the fp16 variant folder (weights, config, tokenizer, manifest) and returns its manifest."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # a 4 M-parameter save needs no progress bar
     out.mkdir(parents=True, exist_ok=True)
     vocab = build_tokenizer(out)
     logger.info("tokenizer trained: %d tokens", vocab)
