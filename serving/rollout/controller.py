@@ -33,6 +33,22 @@ CONTROLLER_NAME = "serving-rollout-controller"
 MAX_HISTORY = 50
 
 
+# The reason an event gives for a tier entering each phase.
+PHASE_REASONS = {
+    Phase.IDLE: "Idle",
+    Phase.PROGRESSING: "Progressing",
+    Phase.PROMOTED: "Promoted",
+    Phase.ROLLED_BACK: "RolledBack",
+}
+
+
+def emit_event(kind: str, reason: str, tier: str, message: str) -> None:
+    """One log line per rollout event, shaped like a Kubernetes event (type, reason, object, message),
+    so that log pipelines that already parse those pick rollbacks and promotions up as they are."""
+    log = logger.warning if kind == "Warning" else logger.info
+    log("event type=%s reason=%s object=tier/%s message=%r", kind, reason, tier, message)
+
+
 def tier_hash(tier: TierConfig) -> str:
     return hashlib.sha256(tier.model_dump_json().encode()).hexdigest()[:16]
 
@@ -70,6 +86,7 @@ class Rollout:
         """Works on a copy, saves it, and only then makes it the state: a config that cannot be saved
         is not applied (the caller gets the error), so memory never runs ahead of the file."""
         state = copy.deepcopy(self.state)
+        changes: list[tuple[str, TierConfig, Phase]] = []
         if end_fail_safe:
             state.pop("fail_safe", None)
         for name, tier in config.tiers.items():
@@ -93,13 +110,16 @@ class Rollout:
                 changed = False  # a rolled-back tier keeps judging nothing until it is re-enabled
             if new_phase is not phase or changed:
                 record["since"] = self.clock()  # judge only what happened under this tier config
-                logger.info("tier %s: %s -> %s (%s)", name, phase, new_phase, event)
+            if new_phase is not phase:
+                changes.append((name, tier, new_phase))
             record["phase"] = new_phase
             record["candidate"] = tier.candidate
         state["config"] = config.model_dump_json()
         state["version"] = version or self.version
         store.save_state(config.rollback.state_file, state)
         self.state, self.config, self.version = state, config, version or self.version
+        for name, tier, phase in changes:  # told once they hold
+            emit_event("Normal", PHASE_REASONS[phase], name, f"{tier.candidate or '-'} at {tier.weight:g}%")
 
     def weights(self) -> dict[str, float]:
         live = {}
@@ -223,13 +243,10 @@ class Rollout:
         counts = self.rollback_counts.setdefault(name, {})
         for reason in event["reasons"]:
             counts[reason] = counts.get(reason, 0) + 1
-        logger.warning(
-            "rolled back %s on tier %s (weight %s -> 0): %s",
-            tier.candidate,
-            name,
-            tier.weight,
-            ", ".join(f"{v.check}={v.value:.4f} > {v.threshold}" for v in failed if v.value is not None),
+        why = ", ".join(
+            f"{v.check} {v.value:.4f} > {v.threshold} (n={v.samples})" for v in failed if v.value is not None
         )
+        emit_event("Warning", "RolledBack", name, f"{tier.candidate} {tier.weight:g}% -> 0: {why}")
 
     def snapshot(self, known_version: int) -> dict[str, Any]:
         return {

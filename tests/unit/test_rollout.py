@@ -318,3 +318,20 @@ def test_signals_of_another_version_are_dropped_not_misread(tmp_path: Path, capl
     window = rollout.window("batch", rollout.config.tiers["batch"], 0.0)
     assert (window.candidate_requests, window.candidate_errors) == (1, 0)
     assert "dropped 1 signals of another version" in caplog.text
+
+
+def test_rollbacks_and_phase_changes_are_logged_as_kubernetes_style_events(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="serving.rollout")
+    rollout = Rollout(demo_config(tmp_path), Clock())
+    rollout.report(awq_signals(30))
+    rollout.evaluate()
+    rollout.apply(demo_config(tmp_path, weight=100.0))
+    events = [r.getMessage() for r in caplog.records if r.getMessage().startswith("event ")]
+    assert any(
+        e.startswith("event type=Warning reason=RolledBack object=tier/batch message='awq 50% -> 0: disagreement")
+        for e in events
+    ), events
+    assert "event type=Normal reason=Promoted object=tier/batch message='awq at 100%'" in events
+    assert sum("reason=RolledBack" in e for e in events) == 1  # one line per event
