@@ -85,7 +85,7 @@ def rollout_table(status: dict[str, Any]) -> str:
     rows = [("TIER", "PHASE", "BASELINE", "CANDIDATE", "WEIGHT", "LIVE", "FAILING / LATEST CHECKS")]
     for name, tier in sorted(status["tiers"].items()):
         checks = ", ".join(
-            f"{c['check']}={c['value']:.3f}{'!' if c['failed'] else ''}"
+            f"{c['check']}={c['value']:.3f}{'!' if c['failed'] else ''} (max {c['threshold']:g}, n={c['samples']})"
             for c in tier["checks"]
             if c["value"] is not None
         )
@@ -105,6 +105,8 @@ def rollout_table(status: dict[str, Any]) -> str:
         "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1]
         for row in rows
     ]
+    if status.get("fail_safe"):
+        lines.append(f"FAIL-SAFE: {status['fail_safe']}")
     for name, tier in sorted(status["tiers"].items()):
         for event in tier["history"]:
             when = datetime.fromtimestamp(event["at"], UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

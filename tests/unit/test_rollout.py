@@ -225,7 +225,7 @@ def test_rollout_status_prints_as_a_table(tmp_path: Path) -> None:
     assert table[0].split()[:6] == ["TIER", "PHASE", "BASELINE", "CANDIDATE", "WEIGHT", "LIVE"]
     batch = next(line for line in table if line.startswith("batch "))
     assert batch.split()[:6] == ["batch", "rolled_back", "int8", "awq", "50", "0"]
-    assert "score_drift=0.150!" in batch
+    assert "score_drift=0.150! (max 0.05, n=30)" in batch
     assert any(line.startswith("rolled back:") and "tier batch: awq 50% -> 0" in line for line in table)
 
 
@@ -247,6 +247,9 @@ def test_a_damaged_state_file_gives_a_fail_safe_start_with_a_clear_error(
     assert "could not be read" in reason
     assert "serving apply" in reason
     assert started.snapshot(0)["fail_safe"] == reason
+    from serving.cli import rollout_table
+
+    assert f"FAIL-SAFE: {reason}" in rollout_table(started.status())
     assert "FAIL-SAFE START" in caplog.text
     (aside,) = tmp_path.glob("state.json.damaged-*")  # kept for the operator, never deleted
     assert aside.read_bytes() != good
