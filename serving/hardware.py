@@ -61,14 +61,19 @@ class DtypeChoice:
     reason: str
 
 
-def cpu_model_name() -> str:
+def cpuinfo(field: str) -> str | None:
+    """The value of the first `field` line of /proc/cpuinfo, or None where there is none."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model_name() -> str:
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 # The CPU features that decide which kernels vLLM and the quantizers take (and so their numerics).
@@ -76,13 +81,7 @@ KERNEL_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile",
 
 
 def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set((cpuinfo("flags") or "").split())
 
 
 def host() -> dict[str, object]:

@@ -164,7 +164,7 @@ def engine_facts(app_name: str, deployment: str) -> dict[str, Any]:
 
 def watch(
     states: Callable[[], tuple[str, dict[str, tuple[str, str]]]],
-    engines: dict[str, str],
+    engines: dict[str, str],  # Serve's deployment name (after any "Class:" prefix) -> engine
     clock: Clock,
     *,
     describe: Callable[[str], dict[str, Any]],
@@ -175,7 +175,7 @@ def watch(
     while True:
         app_status, deployments = states()
         for deployment, (status, message) in deployments.items():
-            engine = next((name for suffix, name in engines.items() if deployment.endswith(suffix)), None)
+            engine = engines.get(deployment.rpartition(":")[2])  # "VariantServer:variant-fp16" -> fp16
             if status in ("DEPLOY_FAILED", "UNHEALTHY") or app_status == "DEPLOY_FAILED":
                 what = f"engine {engine}" if engine else deployment
                 raise StartupFailed(f"{what} did not start: {message or app_status}")

@@ -6,6 +6,7 @@ the bound applies. Every field that multiplies the engine's work is bounded: cho
 (`n`), output length (`max_tokens`, `max_completion_tokens`, `min_tokens`; a request that sets none gets
 `default_max_tokens`, where the engine would allow the whole context), log-prob counts, prompts per
 batched completion, stop sequences and token-id lists. Fields that only the server may set are refused.
+The prompt's length is checked on the raw body, before parsing, so an oversized prompt costs no parse.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from serving.config import LimitsConfig
 from serving.errors import BadRequest
+from serving.protocol import prompt_chars
 from serving.variants import Kind
 
 # vLLM's extension fields that a client must not set, and why.
@@ -26,6 +28,15 @@ SERVER_ONLY = {
     "prompt_embeds": "the server does not load tensors sent by clients",
     "chat_template": "the chat template is server configuration",
 }
+
+
+def check_prompt_length(limits: LimitsConfig, kind: Kind, body: dict[str, Any]) -> None:
+    if prompt_chars(kind, body) > limits.max_prompt_chars:
+        raise BadRequest(
+            f"the prompt is longer than {limits.max_prompt_chars} characters",
+            param="messages" if kind == "chat" else "prompt",
+            code="prompt_too_long",
+        )
 
 
 def enforce(limits: LimitsConfig, kind: Kind, request: Any) -> None:

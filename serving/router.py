@@ -31,7 +31,6 @@ from serving.protocol import (
     engine_error,
     parse_chunk,
     parse_request,
-    prompt_chars,
     read_json_body,
     sse,
     sse_error,
@@ -220,14 +219,6 @@ class RouterCore:
         }
         return JSONResponse(status)
 
-    def check_prompt_length(self, config: Config, kind: Kind, body: dict[str, Any]) -> None:
-        if prompt_chars(kind, body) > config.limits.max_prompt_chars:
-            raise BadRequest(
-                f"the prompt is longer than {config.limits.max_prompt_chars} characters",
-                param="messages" if kind == "chat" else "prompt",
-                code="prompt_too_long",
-            )
-
     async def handle(self, kind: Kind, request: Request) -> Response:
         with self.tracer.start_as_current_span(f"router {kind}") as span:
             response = await self.handle_traced(kind, request, span)
@@ -245,7 +236,7 @@ class RouterCore:
                 param="model",
                 code="model_not_found",
             )
-        self.check_prompt_length(config, kind, body)
+        limits.check_prompt_length(config.limits, kind, body)
         parsed = parse_request(kind, body)
         limits.enforce(config.limits, kind, parsed)
 
@@ -396,8 +387,10 @@ class Call:
     def finish(self, text: str, completion_tokens: int | None, prompt_tokens: int | None, first_at: float) -> None:
         metrics, now = self.core.metrics, time.monotonic()
         metrics.request_duration.labels(*self.labels).observe(now - self.started)
+        after_first = None  # time per output token after the first
         if completion_tokens and completion_tokens > 1 and now > first_at:
-            metrics.time_per_output_token.labels(*self.labels).observe((now - first_at) / (completion_tokens - 1))
+            after_first = (now - first_at) / (completion_tokens - 1)
+            metrics.time_per_output_token.labels(*self.labels).observe(after_first)
         if completion_tokens:
             metrics.tokens.labels(self.variant, self.principal.tier, "out").inc(completion_tokens)
         if prompt_tokens:
@@ -406,7 +399,7 @@ class Call:
         streamed = prompt_tokens is None
         if streamed:  # a first token is observable only in a stream
             ttft: float | None = first_at - self.started
-            tpot = (now - first_at) / (completion_tokens - 1) if completion_tokens and completion_tokens > 1 else None
+            tpot = after_first
         else:  # a whole answer: its time per output token, prompt processing included
             ttft, tpot = None, (now - self.started) / completion_tokens if completion_tokens else None
         self.count("ok", ttft, tpot)

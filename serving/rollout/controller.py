@@ -85,6 +85,7 @@ class Rollout:
     ) -> None:
         """Works on a copy, saves it, and only then makes it the state: a config that cannot be saved
         is not applied (the caller gets the error), so memory never runs ahead of the file."""
+        version = version or self.version
         state = copy.deepcopy(self.state)
         changes: list[tuple[str, TierConfig, Phase]] = []
         if end_fail_safe:
@@ -115,9 +116,9 @@ class Rollout:
             record["phase"] = new_phase
             record["candidate"] = tier.candidate
         state["config"] = config.model_dump_json()
-        state["version"] = version or self.version
+        state["version"] = version
         store.save_state(config.rollback.state_file, state)
-        self.state, self.config, self.version = state, config, version or self.version
+        self.state, self.config, self.version = state, config, version
         for name, tier, phase in changes:  # told once they hold
             emit_event("Normal", PHASE_REASONS[phase], name, f"{tier.candidate or '-'} at {tier.weight:g}%")
 

@@ -1,0 +1,42 @@
+"""The start-up progress lines, from Serve's deployment states (faked): one line per deployment as it
+turns healthy, and a clear error when one cannot start."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from serving.launch import Clock, StartupFailed, watch
+
+ENGINES = {"variant-fp16": "fp16", "variant-int8": "int8"}
+FACTS = {"precision": "int8", "dtype": "bfloat16", "linear_kernels": ["W8A8/Kernel/sgl"], "engine_start_s": 20.0}
+
+
+def states_from(*polls: tuple[str, dict[str, tuple[str, str]]]) -> Any:
+    remaining = list(polls)
+    return lambda: remaining.pop(0) if len(remaining) > 1 else remaining[0]
+
+
+def test_each_deployment_is_reported_once_when_healthy(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("serving.launch.STARTUP_POLL_S", 0)
+    states = states_from(
+        ("DEPLOYING", {"Router": ("HEALTHY", ""), "VariantServer:variant-int8": ("UPDATING", "")}),
+        ("DEPLOYING", {"Router": ("HEALTHY", ""), "VariantServer:variant-int8": ("HEALTHY", "")}),
+        ("RUNNING", {"Router": ("HEALTHY", ""), "VariantServer:variant-int8": ("HEALTHY", "")}),
+    )
+    watch(states, ENGINES, Clock(), describe=lambda deployment: FACTS)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("] ", 1)[1] for line in lines] == [
+        "router ready",
+        "engine int8   ready: int8, bfloat16 activations, kernels Kernel/sgl (engine 20.0 s, warm-up None s)",
+    ]
+
+
+def test_a_deployment_that_cannot_start_stops_the_start_with_serves_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("serving.launch.STARTUP_POLL_S", 0)
+    states = states_from(("DEPLOY_FAILED", {"VariantServer:variant-fp16": ("DEPLOY_FAILED", "no GPU on the node")}))
+    with pytest.raises(StartupFailed, match="engine fp16 did not start: no GPU on the node"):
+        watch(states, ENGINES, Clock(), describe=lambda deployment: FACTS)
