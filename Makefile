@@ -1,6 +1,8 @@
 # The two commands of the quick start are `make serve` and `make test`; the rest are their steps.
 SHELL := /bin/bash
-MODELS ?= models/demo
+# The demo model family: smol (a real model, deploy/demo.yaml) or tiny (random weights, fast, deploy/tiny.yaml).
+FAMILY ?= smol
+CONFIG ?= deploy/$(if $(filter tiny,$(FAMILY)),tiny,demo).yaml
 
 .PHONY: install install-quant models serve test test-tools lint clean
 
@@ -10,11 +12,11 @@ install:  ## the serving environment (.venv): vLLM CPU build, Ray Serve, this pa
 install-quant:  ## the quantization environment (.venv-quant): llmcompressor
 	@scripts/install.sh quant
 
-models: install install-quant  ## build the demo model family if it is missing or stale
-	@.venv/bin/serving models build --out $(MODELS)
+models: install install-quant  ## build the demo model family (FAMILY=smol|tiny) if it is missing or stale
+	@.venv/bin/serving models build --family $(FAMILY)
 
-serve: models  ## serve the demo stack at http://127.0.0.1:8000/v1 until Ctrl-C
-	@.venv/bin/serving serve --config deploy/demo.yaml
+serve: models  ## serve the demo stack at http://127.0.0.1:8000/v1 until Ctrl-C (or: make serve FAMILY=tiny)
+	@.venv/bin/serving serve --config $(CONFIG)
 
 test: install install-quant test-tools  ## lint, type checks and the whole test suite
 	@scripts/test.sh

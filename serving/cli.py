@@ -12,26 +12,35 @@ from typing import Any
 from serving import __version__
 
 
-def _models_build(args: argparse.Namespace) -> int:
+def _family_and_out(args: argparse.Namespace) -> tuple[Any, Path]:
     from serving.models import family
+    from serving.models.build import default_out
+
+    models = family.get(args.family)
+    return models, args.out or default_out(models)
+
+
+def _models_build(args: argparse.Namespace) -> int:
     from serving.models.build import BuildError, build_family
 
+    models, out = _family_and_out(args)
     try:
-        built = build_family(args.out, force=args.force, names=args.variant or None)
+        built = build_family(models, out, force=args.force, names=args.variant or None)
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for name, found in built.items():
-        print(f"  {name:5} {found['weights_sha256'][:16]}  {args.out / family.variant(name).folder}")
+        print(f"  {name:5} {found['weights_sha256'][:16]}  {out / models.variant(name).folder}")
     return 0
 
 
 def _models_show(args: argparse.Namespace) -> int:
-    from serving.models import family, manifest
+    from serving.models import manifest
 
+    models, out = _family_and_out(args)
     status = 0
-    for variant in family.VARIANTS:
-        folder = args.out / variant.folder
+    for variant in models.variants:
+        folder = out / variant.folder
         try:
             found = manifest.read_manifest(folder, verify_weights=args.verify)
         except manifest.ManifestError as exc:
@@ -121,7 +130,8 @@ def rollout_table(status: dict[str, Any]) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    from serving.models.build import DEFAULT_OUT, REPO_ROOT
+    from serving.models.build import REPO_ROOT
+    from serving.models.family import DEFAULT, FAMILIES
 
     DEFAULT_CONFIG = REPO_ROOT / "deploy" / "demo.yaml"
 
@@ -129,15 +139,18 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    models = commands.add_parser("models", help="build and inspect the demo model family")
+    models = commands.add_parser("models", help="build and inspect the demo model families")
     models_commands = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
-    build = models_commands.add_parser("build", help="build the demo family (fp16, int8 W8A8, awq W4A16)")
-    build.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
+    build = models_commands.add_parser("build", help="build a demo family (fp16, int8 W8A8, awq W4A16)")
+    show = models_commands.add_parser("show", help="print the provenance manifest of each variant")
+    for action in (build, show):
+        action.add_argument(
+            "--family", choices=list(FAMILIES), default=DEFAULT.name, help="smol (real) or tiny (default: %(default)s)"
+        )
+        action.add_argument("--out", type=Path, help="the family's folder (default: models/FAMILY)")
     build.add_argument("--force", action="store_true", help="rebuild even what is up to date")
     build.add_argument("--variant", action="append", choices=["fp16", "int8", "awq"], help="only this variant")
     build.set_defaults(func=_models_build)
-    show = models_commands.add_parser("show", help="print the provenance manifest of each variant")
-    show.add_argument("--out", type=Path, default=DEFAULT_OUT, help="family folder (default: %(default)s)")
     show.add_argument("--json", action="store_true", help="print the whole manifests as JSON")
     show.add_argument("--verify", action="store_true", help="re-hash the weights against the manifests")
     show.set_defaults(func=_models_show)

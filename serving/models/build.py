@@ -1,8 +1,10 @@
-"""Builds the demo model family into one folder, skipping what is already built and up to date.
+"""Builds a demo model family (`smol` or `tiny`) into one folder, skipping what is already built and up
+to date.
 
-fp16 is built in this process (serving environment); each quantized variant is built by
-`serving.models.quantize` in the quantization environment, as a child process whose progress
-streams to the terminal.
+The tiny fp16 base is generated in this process (serving environment). The smol fp16 base
+(`serving.models.smol`: fetch the wheel, dequantize the GGUF) and every quantized variant
+(`serving.models.quantize`) are built in the quantization environment, as child processes whose
+output goes to a log file; the terminal gets one progress line per step, with the elapsed time.
 """
 
 from __future__ import annotations
@@ -22,7 +24,17 @@ from serving.models import family, manifest
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_OUT = REPO_ROOT / "models" / "demo"
+
+
+def default_out(models: family.Family) -> Path:
+    return REPO_ROOT / "models" / models.name
+
+
+def source_cache() -> Path:
+    """Where downloaded source wheels are kept (override with SERVING_MODEL_CACHE): shared by every
+    build on this checkout, so a rebuild downloads nothing."""
+    configured = os.environ.get("SERVING_MODEL_CACHE")
+    return Path(configured) if configured else REPO_ROOT / "models" / ".cache"
 
 
 class BuildError(RuntimeError):
@@ -41,37 +53,48 @@ def quant_python() -> Path:
     return path
 
 
-def is_current(folder: Path, base_sha: str | None) -> bool:
-    """A variant is current when its manifest matches its weights and, if quantized, the present base."""
+def is_current(models: family.Family, variant: family.Variant, folder: Path, base_sha: str | None) -> bool:
+    """A variant is current when its manifest matches its weights and what the family now says it is:
+    the same source (for a base) or the same base, method and group size (for a quantized variant)."""
     try:
         found = manifest.read_manifest(folder, verify_weights=True)
     except manifest.ManifestError:
         return False
-    return base_sha is None or found["base_model"].get("weights_sha256") == base_sha
+    if variant.is_base:
+        pinned = models.source.wheel_sha256 if models.source else None
+        return bool(found["base_model"].get("source", {}).get("wheel_sha256") == pinned)
+    quant = found["quantization"] or {}
+    return (
+        found["base_model"].get("weights_sha256") == base_sha
+        and quant.get("method") == variant.method
+        and quant.get("group_size") == variant.group_size
+    )
 
 
-def build_variant(variant: family.Variant, out: Path) -> None:
+def build_command(models: family.Family, variant: family.Variant, out: Path, scratch: Path) -> list[str] | None:
+    """The child process that builds a variant, or None when it is built in this process (the tiny base)."""
+    if variant.is_base and models.source is None:
+        return None
+    if variant.is_base:
+        module = ["serving.models.smol", "--cache", str(source_cache())]
+    else:
+        base = out / models.base.folder
+        module = ["serving.models.quantize", "--family", models.name, "--variant", variant.name, "--base", str(base)]
+    return [str(quant_python()), "-m", *module, "--out", str(scratch)]
+
+
+def build_variant(models: family.Family, variant: family.Variant, out: Path) -> None:
     """Builds one variant into a scratch folder, then moves it into place, so a half-built variant
     never looks finished."""
     target = out / variant.folder
     scratch = out / f".{variant.folder}.partial"
     shutil.rmtree(scratch, ignore_errors=True)
-    if variant is family.FP16:
+    command = build_command(models, variant, out, scratch)
+    if command is None:
         from serving.models import tiny
 
         tiny.build_fp16(scratch)
     else:
-        command = [
-            str(quant_python()),
-            "-m",
-            "serving.models.quantize",
-            "--variant",
-            variant.name,
-            "--base",
-            str(out / family.FP16.folder),
-            "--out",
-            str(scratch),
-        ]
         # TQDM_MININTERVAL: llmcompressor draws a progress bar per layer; redraw each every few seconds only.
         env = {"TQDM_MININTERVAL": "5", **os.environ, "PYTHONPATH": str(REPO_ROOT)}
         run_quietly(command, env, out / f".{variant.folder}.build.log", variant.name)
@@ -79,14 +102,22 @@ def build_variant(variant: family.Variant, out: Path) -> None:
     scratch.rename(target)
 
 
-# llmcompressor's sequential pipeline announces each stage of the model as "(3/5): Calibrating".
+# llmcompressor's sequential pipeline announces each stage of the model as "(3/5): Calibrating";
+# the project's own builders log their steps as "progress: ...".
 STAGE = re.compile(r"\((\d+)/(\d+)\): Calibrating")
+STEP = re.compile(r"^progress: (.+)$", re.MULTILINE)
+
+
+def progress_lines(text: str) -> list[str]:
+    """The steps a chunk of a builder's output announces, in order."""
+    return [f"calibrating stage {'/'.join(s)}" for s in STAGE.findall(text)] + STEP.findall(text)
 
 
 def run_quietly(command: list[str], env: dict[str, str], log_path: Path, name: str) -> None:
-    """Runs a quantizer with its (long, library-level) output in a log file; the terminal gets one
-    progress line per stage of the model, and the log's tail if it fails."""
+    """Runs a builder with its (long, library-level) output in a log file; the terminal gets one
+    progress line per step with the elapsed time, and the log's tail if it fails."""
     seen: set[str] = set()
+    started = time.monotonic()
     with log_path.open("w") as log:
         process = subprocess.Popen(
             command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -94,42 +125,54 @@ def run_quietly(command: list[str], env: dict[str, str], log_path: Path, name: s
         assert process.stdout is not None
         for line in process.stdout:
             log.write(line)
-            for stage in STAGE.findall(line.replace("\r", "\n")):
-                key = "/".join(stage)
-                if key not in seen:
-                    seen.add(key)
-                    print(f"      {name}: calibrating stage {key}", flush=True)
+            for step in progress_lines(line.replace("\r", "\n")):
+                if step not in seen:
+                    seen.add(step)
+                    print(f"      {name}: {step} ({time.monotonic() - started:.0f} s)", flush=True)
         code = process.wait()
     if code != 0:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-40:])
-        raise BuildError(f"quantizing {name} failed (exit {code}); the end of {log_path}:\n{tail}")
+        raise BuildError(f"building {name} failed (exit {code}); the end of {log_path}:\n{tail}")
     log_path.unlink()
 
 
+def describe(models: family.Family, variant: family.Variant) -> str:
+    if variant.is_base and models.source:
+        return f"{models.source.package}=={models.source.version} from the package registry, dequantized to float16"
+    if variant.is_base:
+        return "training tokenizer, initialising weights"
+    group = f", group size {variant.group_size}" if variant.group_size else ""
+    return f"{variant.method} {variant.scheme}{group} with llmcompressor"
+
+
 def build_family(
-    out: Path = DEFAULT_OUT, *, force: bool = False, names: Iterable[str] | None = None
+    models: family.Family = family.DEFAULT,
+    out: Path | None = None,
+    *,
+    force: bool = False,
+    names: Iterable[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Builds the requested variants (all by default) and returns every built variant's manifest."""
-    wanted = [family.variant(n) for n in names] if names else list(family.VARIANTS)
-    if any(v is not family.FP16 for v in wanted) and family.FP16 not in wanted:
-        wanted.insert(0, family.FP16)  # quantized variants are made from the fp16 base
+    """Builds the requested variants of a family (all by default) and returns every built variant's manifest."""
+    out = out or default_out(models)
+    wanted = [models.variant(n) for n in names] if names else list(models.variants)
+    if models.base not in wanted:
+        wanted.insert(0, models.base)  # quantized variants are made from the fp16 base
     out.mkdir(parents=True, exist_ok=True)
     total = len(wanted)
     base_sha: str | None = None
     for step, variant in enumerate(wanted, start=1):
         folder = out / variant.folder
-        if not force and is_current(folder, None if variant is family.FP16 else base_sha):
-            print(f"[{step}/{total}] {variant.name}: up to date in {folder}", flush=True)
+        if not force and is_current(models, variant, folder, base_sha):
+            print(f"[{step}/{total}] {models.name} {variant.name}: up to date in {folder}", flush=True)
         else:
-            what = (
-                "training tokenizer, initialising weights"
-                if variant is family.FP16
-                else (f"{variant.method} {variant.scheme} with llmcompressor")
+            print(
+                f"[{step}/{total}] {models.name} {variant.name}: building ({describe(models, variant)}) ...", flush=True
             )
-            print(f"[{step}/{total}] {variant.name}: building ({what}) ...", flush=True)
             started = time.monotonic()
-            build_variant(variant, out)
-            print(f"[{step}/{total}] {variant.name}: built in {time.monotonic() - started:.0f} s", flush=True)
-        if variant is family.FP16:
+            build_variant(models, variant, out)
+            took = time.monotonic() - started
+            manifest.record_build_time(folder, took)
+            print(f"[{step}/{total}] {models.name} {variant.name}: built in {took:.0f} s", flush=True)
+        if variant.is_base:
             base_sha = manifest.read_manifest(folder)["weights_sha256"]
-    return {v.name: manifest.read_manifest(out / v.folder) for v in family.VARIANTS if (out / v.folder).is_dir()}
+    return {v.name: manifest.read_manifest(out / v.folder) for v in models.variants if (out / v.folder).is_dir()}

@@ -91,6 +91,14 @@ def write_manifest(folder: Path, fields: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
+def record_build_time(folder: Path, seconds: float) -> None:
+    """Adds how long the build took, on the machine in `built_on`, to a finished variant's manifest."""
+    path = folder / MANIFEST_NAME
+    found = json.loads(path.read_text())
+    found["build_seconds"] = round(seconds, 1)
+    path.write_text(json.dumps(found, indent=2, sort_keys=True) + "\n")
+
+
 REQUIRED_FIELDS = (
     "schema_version",
     "variant",

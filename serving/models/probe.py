@@ -4,8 +4,10 @@ choose it), the kernel behind each kind of linear layer, and greedy completions 
 
 Run as a child process (vLLM spawns its engine process, so this needs its own `__main__`):
 
-    python -m serving.models.probe VARIANT_DIR report.json
+    python -m serving.models.probe VARIANT_DIR report.json [EVAL_SET.jsonl]
 
+With an evaluation set (`serving.evals`), the report also holds the variant's greedy chat answer to each
+of its prompts and the output tokens per second it took to answer them all (after a warm-up).
 `token_agreement` then turns two reports into the offline agreement measure the tests use.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from serving.models import family
 
 MAX_TOKENS = 32
 NUM_PROMPTS = 16
+EVAL_MAX_TOKENS = 48
 
 
 def prompts() -> list[str]:
@@ -30,7 +34,7 @@ def prompts() -> list[str]:
     return [" ".join(p.split()[:10]) for p in paragraphs[::step][:NUM_PROMPTS]]
 
 
-def probe(folder: Path) -> dict[str, Any]:
+def probe(folder: Path, eval_set: Path | None = None) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
     from serving import hardware
@@ -43,7 +47,7 @@ def probe(folder: Path) -> dict[str, Any]:
     choice = hardware.choose_dtype(precision, hardware.weights_dtype(folder), capabilities)
     llm = LLM(
         model=str(folder),
-        max_model_len=512,
+        max_model_len=1024,
         seed=0,
         enforce_eager=True,
         dtype=choice.dtype,
@@ -51,7 +55,9 @@ def probe(folder: Path) -> dict[str, Any]:
     )
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outputs = llm.generate(prompts(), params, use_tqdm=False)
+    answers = answer_eval_set(llm, eval_set) if eval_set else {}
     return {
+        **answers,
         "folder": str(folder),
         "hardware": capabilities.as_dict(),
         "dtype_choice": {"dtype": choice.dtype, "reason": choice.reason},
@@ -60,6 +66,30 @@ def probe(folder: Path) -> dict[str, Any]:
         "linear_kernels": merge(llm.collective_rpc("linear_kernels")),
         "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
         "texts": [o.outputs[0].text for o in outputs],
+    }
+
+
+def answer_eval_set(llm: Any, path: Path) -> dict[str, Any]:
+    """Greedy chat answers to every prompt of the set, all at once, as a server would batch them."""
+    from vllm import SamplingParams
+
+    from serving.evals import load_eval_set
+
+    items = load_eval_set(path)
+    chats = [[{"role": "user", "content": item.prompt}] for item in items]
+    params = SamplingParams(temperature=0.0, max_tokens=EVAL_MAX_TOKENS)
+    llm.chat(chats[:4], params, use_tqdm=False)  # warm-up: the first batch pays one-time costs
+    started = time.perf_counter()
+    outputs = llm.chat(chats, params, use_tqdm=False)
+    took = time.perf_counter() - started
+    answers = [
+        {"id": item.id, "text": o.outputs[0].text, "token_ids": list(o.outputs[0].token_ids)}
+        for item, o in zip(items, outputs, strict=True)
+    ]
+    return {
+        "eval_set": str(path),
+        "answers": answers,
+        "output_tokens_per_s": sum(len(a["token_ids"]) for a in answers) / took,
     }
 
 
@@ -72,7 +102,7 @@ def token_agreement(reference: list[list[int]], candidate: list[list[int]]) -> f
     return sum(pair_agreement(r, c) for r, c in zip(reference, candidate, strict=True)) / len(reference)
 
 
-def run_probe(folder: Path, python: str = sys.executable) -> dict[str, Any]:
+def run_probe(folder: Path, eval_set: Path | None = None, python: str = sys.executable) -> dict[str, Any]:
     """Runs `probe` in a child process and returns its report."""
     import subprocess
     import tempfile
@@ -81,7 +111,14 @@ def run_probe(folder: Path, python: str = sys.executable) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         report_path = Path(scratch) / "report.json"
         done = subprocess.run(
-            [python, "-m", "serving.models.probe", str(folder), str(report_path)],
+            [
+                python,
+                "-m",
+                "serving.models.probe",
+                str(folder),
+                str(report_path),
+                *([str(eval_set)] if eval_set else []),
+            ],
             env=env,
             capture_output=True,
             text=True,
@@ -94,4 +131,4 @@ def run_probe(folder: Path, python: str = sys.executable) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    Path(sys.argv[2]).write_text(json.dumps(probe(Path(sys.argv[1]))))
+    Path(sys.argv[2]).write_text(json.dumps(probe(Path(sys.argv[1]), Path(sys.argv[3]) if len(sys.argv) > 3 else None)))

@@ -35,7 +35,7 @@ def build_tokenizer(out: Path) -> int:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=family.ARCHITECTURE["vocab_size"],
+        vocab_size=family.TINY_ARCHITECTURE["vocab_size"],
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -49,7 +49,7 @@ def build_tokenizer(out: Path) -> int:
         pad_token="<pad>",
         additional_special_tokens=SPECIAL_TOKENS[4:],
         chat_template=CHAT_TEMPLATE,
-        model_max_length=family.ARCHITECTURE["max_position_embeddings"],
+        model_max_length=family.TINY_ARCHITECTURE["max_position_embeddings"],
     )
     fast.save_pretrained(out)
     return int(tokenizer.get_vocab_size())
@@ -68,7 +68,7 @@ def build_fp16(out: Path) -> dict[str, Any]:
 
     torch.manual_seed(family.SEED)
     config = LlamaConfig(
-        **family.ARCHITECTURE,
+        **family.TINY_ARCHITECTURE,
         bos_token_id=SPECIAL_TOKENS.index("<s>"),
         eos_token_id=SPECIAL_TOKENS.index("</s>"),
         pad_token_id=SPECIAL_TOKENS.index("<pad>"),
@@ -86,7 +86,7 @@ def build_fp16(out: Path) -> dict[str, Any]:
             "variant": family.FP16.name,
             "precision": family.FP16.precision,
             "base_model": {
-                "name": family.BASE_NAME,
+                "name": family.TINY.base_name,
                 "architecture": "LlamaForCausalLM",
                 "seed": family.SEED,
                 "parameters": sum(p.numel() for p in model.parameters()),

@@ -44,8 +44,8 @@ def write_config(
     """The demo config (deploy/demo.yaml) pointed at the test's family, ports and state file, with the
     given weights, shadow rate and rollback switch, plus one premium key that may override. Automatic
     rollback is off unless a test turns it on: the other tests need the awq candidate to keep serving."""
-    text = (REPO / "deploy" / "demo.yaml").read_text()
-    text = text.replace("../models/demo", str(family)).replace("port: 8000", f"port: {PORT}")
+    text = (REPO / "deploy" / "tiny.yaml").read_text()
+    text = text.replace("../models/tiny", str(family)).replace("port: 8000", f"port: {PORT}")
     text = text.replace("metrics_port: 8080", f"metrics_port: {METRICS_PORT}")
     text = text.replace("../state/rollout-state.json", str(path.parent / "rollout-state.json"))
     text = text.replace("weight: 50.0                                    #", f"weight: {standard_weight} #", 1)
@@ -99,9 +99,9 @@ def served_variants(key: str, users: range, prefix: str = "user") -> set[str]:
 
 
 @pytest.fixture(scope="session")
-def stack(demo_family: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tiny_family: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     config = tmp_path_factory.mktemp("stack") / "config.yaml"
-    write_config(config, demo_family)
+    write_config(config, tiny_family)
     log_path = config.parent / "serve.log"
     log = log_path.open("w")
     started = time.monotonic()
@@ -114,7 +114,7 @@ def stack(demo_family: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     try:
         wait_for_http(f"{BASE}/ready", process, log_path, timeout_s=600)
         print(f"stack ready in {time.monotonic() - started:.0f} s")
-        yield Stack(config, demo_family, log_path)
+        yield Stack(config, tiny_family, log_path)
     finally:
         os.killpg(process.pid, signal.SIGINT)
         try:

@@ -1,4 +1,4 @@
-"""The demo family, built for real (llmcompressor) and loaded for real (vLLM CPU build)."""
+"""The tiny family, built for real (llmcompressor) and loaded for real (vLLM CPU build)."""
 
 from __future__ import annotations
 
@@ -21,16 +21,16 @@ EXPECTED_KERNEL_PATHS = {"int8": ("sgl", "onednn"), "awq": ("isa=amx", "isa=vec"
 
 
 @pytest.fixture(scope="module")
-def reports(demo_family: Path) -> dict[str, dict[str, Any]]:
-    return {v.name: probe.run_probe(demo_family / v.folder) for v in family.VARIANTS}
+def reports(tiny_family: Path) -> dict[str, dict[str, Any]]:
+    return {v.name: probe.run_probe(tiny_family / v.folder) for v in family.TINY.variants}
 
 
-def test_every_variant_carries_complete_provenance(demo_family: Path) -> None:
-    base = manifest.read_manifest(demo_family / "fp16", verify_weights=True)
+def test_every_variant_carries_complete_provenance(tiny_family: Path) -> None:
+    base = manifest.read_manifest(tiny_family / "fp16", verify_weights=True)
     assert base["quantization"] is None
     assert base["base_model"]["seed"] == family.SEED
-    for variant in family.QUANTIZED:
-        found = manifest.read_manifest(demo_family / variant.folder, verify_weights=True)
+    for variant in family.TINY.quantized:
+        found = manifest.read_manifest(tiny_family / variant.folder, verify_weights=True)
         assert found["variant"] == variant.name
         assert found["base_model"]["weights_sha256"] == base["weights_sha256"]
         assert found["quantization"]["method"] == variant.method
@@ -42,26 +42,26 @@ def test_every_variant_carries_complete_provenance(demo_family: Path) -> None:
         assert found["created_at"]
 
 
-def test_building_twice_from_scratch_gives_identical_weights(demo_family: Path, tmp_path: Path) -> None:
+def test_building_twice_from_scratch_gives_identical_weights(tiny_family: Path, tmp_path: Path) -> None:
     # On one machine. Another CPU gives other int8 and awq hashes (GPTQ and AWQ run on that CPU's kernels):
     # its manifests say which machine built them, and no test compares a hash with a constant.
-    again = build.build_family(tmp_path)
-    first = {v.name: manifest.read_manifest(demo_family / v.folder)["weights_sha256"] for v in family.VARIANTS}
+    again = build.build_family(family.TINY, tmp_path)
+    first = {v.name: manifest.read_manifest(tiny_family / v.folder)["weights_sha256"] for v in family.TINY.variants}
     second = {name: found["weights_sha256"] for name, found in again.items()}
     assert first == second
     assert len(set(first.values())) == 3  # and the three variants really are three different models
 
 
-def test_a_built_family_is_not_rebuilt(demo_family: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    build.build_family(demo_family)
+def test_a_built_family_is_not_rebuilt(tiny_family: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    build.build_family(family.TINY, tiny_family)
     assert capsys.readouterr().out.count("up to date") == 3
 
 
-@pytest.mark.parametrize("variant", family.VARIANTS, ids=lambda v: v.name)
+@pytest.mark.parametrize("variant", family.TINY.variants, ids=lambda v: v.name)
 def test_engine_reports_the_declared_quantization(
-    variant: family.Variant, demo_family: Path, reports: dict[str, dict[str, Any]]
+    variant: family.Variant, tiny_family: Path, reports: dict[str, dict[str, Any]]
 ) -> None:
-    declared = manifest.read_manifest(demo_family / variant.folder)
+    declared = manifest.read_manifest(tiny_family / variant.folder)
     report = reports[variant.name]
     assert report["engine_quantization"] == declared["vllm_quantization"]
     # The engine runs the dtype chosen for this machine's hardware, whichever branch that is.
@@ -70,7 +70,7 @@ def test_engine_reports_the_declared_quantization(
     assert report["engine_dtype"] == report["dtype_choice"]["dtype"] == expected.dtype
     schemes = {kernel.split("/")[0] for kernel in report["linear_kernels"]}
     compressed = [s for s in schemes if s.startswith("CompressedTensorsW")]
-    if variant is family.FP16:
+    if variant.is_base:
         assert compressed == []
         assert "UnquantizedLinearMethod" in schemes
     else:
@@ -81,10 +81,10 @@ def test_engine_reports_the_declared_quantization(
     assert all(len(ids) == probe.MAX_TOKENS for ids in report["token_ids"])
 
 
-def test_quantized_variants_really_differ_from_fp16(demo_family: Path, reports: dict[str, dict[str, Any]]) -> None:
+def test_quantized_variants_really_differ_from_fp16(tiny_family: Path, reports: dict[str, dict[str, Any]]) -> None:
     # Control: greedy decoding of the same variant in a fresh engine agrees with itself exactly,
     # so an agreement below 1.0 below is the precision's doing, not the engine's.
-    fp16_again = probe.run_probe(demo_family / "fp16")
+    fp16_again = probe.run_probe(tiny_family / "fp16")
     control = probe.token_agreement(reports["fp16"]["token_ids"], fp16_again["token_ids"])
     agreement = {
         name: probe.token_agreement(reports["fp16"]["token_ids"], reports[name]["token_ids"])
