@@ -41,6 +41,13 @@ def _models_show(args: argparse.Namespace) -> int:
     status = 0
     for variant in models.variants:
         folder = out / variant.folder
+        if not folder.is_dir():
+            print(
+                f"{variant.name}: not built in {out} (build it: serving models build --family {models.name})",
+                file=sys.stderr,
+            )
+            status = 1
+            continue
         try:
             found = manifest.read_manifest(folder, verify_weights=args.verify)
         except manifest.ManifestError as exc:

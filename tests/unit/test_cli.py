@@ -18,10 +18,12 @@ def test_help_lists_the_subcommands() -> None:
 def test_models_show_on_an_empty_folder_says_what_is_missing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert cli.main(["models", "show", "--out", str(tmp_path)]) == 1
+    assert cli.main(["models", "show", "--family", "tiny", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
-    assert "fp16:" in err
-    assert "no provenance.json" in err
+    assert f"fp16: not built in {tmp_path} (build it: serving models build --family tiny)" in err
+    (tmp_path / "fp16").mkdir()
+    assert cli.main(["models", "show", "--out", str(tmp_path)]) == 1
+    assert "no provenance.json" in capsys.readouterr().err
 
 
 def test_unknown_variant_is_refused_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:
