@@ -30,7 +30,7 @@ class Metrics:
         # histogram_quantile(0.99, sum by (le, variant) (rate(serving_time_to_first_token_seconds_bucket[5m])))
         self.time_to_first_token = Histogram(
             "serving_time_to_first_token_seconds",
-            "Time until the first token (streaming) or the whole answer",
+            "Time until the first token of a streamed answer (not recorded for whole answers)",
             ["variant", "tier", "role"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
@@ -38,7 +38,7 @@ class Metrics:
         # histogram_quantile(0.5, sum by (le, variant) (rate(serving_time_per_output_token_seconds_bucket[5m])))
         self.time_per_output_token = Histogram(
             "serving_time_per_output_token_seconds",
-            "Time per output token after the first",
+            "Time per output token after the first, from the engine's token counts",
             ["variant", "tier", "role"],
             buckets=PER_TOKEN_BUCKETS,
             registry=registry,

@@ -5,6 +5,7 @@ Shared by the router and the shadow comparison."""
 from __future__ import annotations
 
 import json
+import typing
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,6 +24,29 @@ def answer_text(kind: Kind, response: Any) -> str:
     """The text of the first choice of a whole chat or completion response."""
     choice = response.choices[0]
     return str((choice.message.content if kind == "chat" else choice.text) or "")
+
+
+def wants_usage(request: Any) -> bool:
+    """Whether the client asked for the usage chunk that ends a stream."""
+    options = getattr(request, "stream_options", None)
+    return bool(options is not None and options.include_usage)
+
+
+def with_usage(request: Any) -> Any:
+    """A streamed request as the engine gets it: always asking for the usage chunk at the end, whose token
+    counts time per output token is computed from (a chunk can carry several tokens). The router passes
+    that chunk on only to a client that asked for it."""
+    if wants_usage(request):
+        return request
+    annotation = type(request).model_fields["stream_options"].annotation
+    options_class = next(a for a in typing.get_args(annotation) if a is not type(None))
+    return request.model_copy(update={"stream_options": options_class(include_usage=True)})
+
+
+def usage_of(chunk: dict[str, Any]) -> dict[str, Any] | None:
+    """The usage of a stream's closing usage chunk (no choices), else None."""
+    usage = chunk.get("usage")
+    return usage if isinstance(usage, dict) and not chunk.get("choices") else None
 
 
 def parse_chunk(data: str) -> dict[str, Any] | None:

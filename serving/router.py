@@ -34,6 +34,9 @@ from serving.protocol import (
     read_json_body,
     sse,
     sse_error,
+    usage_of,
+    wants_usage,
+    with_usage,
 )
 from serving.readiness import Readiness
 from serving.rollout.signals import FeedbackSignal, RequestSignal, Signal
@@ -326,8 +329,10 @@ class Call:
     async def start(self) -> Response:
         metrics = self.core.metrics
         headers = {"x-served-variant": self.variant}
+        streamed = bool(getattr(self.parsed, "stream", False))
         try:
-            stream = self.core.variants[self.variant].call(self.kind, self.parsed)
+            engine_request = with_usage(self.parsed) if streamed else self.parsed
+            stream = self.core.variants[self.variant].call(self.kind, engine_request)
             first = await anext(stream)
         except StopAsyncIteration:
             self.count("error")
@@ -343,36 +348,41 @@ class Call:
             self.count("rejected")
             raise error
         first_at = time.monotonic()
-        metrics.time_to_first_token.labels(*self.labels).observe(first_at - self.started)
         if hasattr(first, "model_dump"):  # a whole, non-streaming response
-            self.finish(
-                answer_text(self.kind, first),
-                first.usage.completion_tokens,
-                first.usage.prompt_tokens,
-                first_at,
-            )
+            usage = first.usage
+            self.finish(answer_text(self.kind, first), usage.completion_tokens, usage.prompt_tokens, first_at, False)
             return JSONResponse(first.model_dump(mode="json", exclude_none=True), headers=headers)
+        # A first token is observable only in a stream.
+        metrics.time_to_first_token.labels(*self.labels).observe(first_at - self.started)
         return StreamingResponse(self.relay(first, stream, first_at), media_type="text/event-stream", headers=headers)
 
     async def relay(self, first: Any, rest: AsyncIterator[Any], first_at: float) -> AsyncIterator[str]:
         text: list[str] = []
-        chunks = 0
+        usage: dict[str, Any] = {}
         engine_failed = False
+        client_wants_usage = wants_usage(self.parsed)
         try:
             async for packet in sse(first, rest):
+                kept: list[str] = []
                 for data in packet.split("\n\n"):
-                    chunk = parse_chunk(data)
-                    if chunk is None:
+                    if not data.strip():
                         continue
-                    engine_failed = engine_failed or "error" in chunk  # the engine's own error event
-                    for choice in chunk.get("choices") or []:
-                        piece = (
-                            (choice.get("delta") or {}).get("content") if self.kind == "chat" else choice.get("text")
-                        )
-                        if piece:
-                            text.append(piece)
-                            chunks += 1
-                yield packet
+                    chunk = parse_chunk(data)
+                    if chunk is not None:
+                        engine_failed = engine_failed or "error" in chunk  # the engine's own error event
+                        closing = usage_of(chunk)
+                        if closing is not None:
+                            usage = closing
+                            if not client_wants_usage:
+                                continue  # asked for by the router, not the client
+                        for choice in chunk.get("choices") or []:
+                            delta = choice.get("delta") or {}
+                            piece = delta.get("content") if self.kind == "chat" else choice.get("text")
+                            if piece:
+                                text.append(piece)
+                    kept.append(f"{data}\n\n")
+                if kept:
+                    yield "".join(kept)
         except Exception as exc:  # the replica died or the call broke after the 200 went out
             logger.warning("variant %s failed mid-stream: %r", self.variant, exc)
             self.count("error")
@@ -382,26 +392,27 @@ class Call:
         if engine_failed:
             self.count("error")
             return
-        self.finish("".join(text), chunks, None, first_at)
+        self.finish("".join(text), usage.get("completion_tokens"), usage.get("prompt_tokens"), first_at, True)
 
-    def finish(self, text: str, completion_tokens: int | None, prompt_tokens: int | None, first_at: float) -> None:
+    def finish(
+        self, text: str, completion_tokens: int | None, prompt_tokens: int | None, first_at: float, streamed: bool
+    ) -> None:
         metrics, now = self.core.metrics, time.monotonic()
         metrics.request_duration.labels(*self.labels).observe(now - self.started)
-        after_first = None  # time per output token after the first
-        if completion_tokens and completion_tokens > 1 and now > first_at:
-            after_first = (now - first_at) / (completion_tokens - 1)
-            metrics.time_per_output_token.labels(*self.labels).observe(after_first)
         if completion_tokens:
             metrics.tokens.labels(self.variant, self.principal.tier, "out").inc(completion_tokens)
         if prompt_tokens:
             metrics.tokens.labels(self.variant, self.principal.tier, "in").inc(prompt_tokens)
         # What the rollout judges: what a precision changes, not what the answer's length does.
-        streamed = prompt_tokens is None
-        if streamed:  # a first token is observable only in a stream
-            ttft: float | None = first_at - self.started
-            tpot = after_first
-        else:  # a whole answer: its time per output token, prompt processing included
-            ttft, tpot = None, (now - self.started) / completion_tokens if completion_tokens else None
+        ttft: float | None = None
+        tpot: float | None = None
+        if streamed:  # a first token is observable only in a stream; the rest is decoding
+            ttft = first_at - self.started
+            if completion_tokens and completion_tokens > 1 and now > first_at:
+                tpot = (now - first_at) / (completion_tokens - 1)
+                metrics.time_per_output_token.labels(*self.labels).observe(tpot)
+        elif completion_tokens:  # a whole answer: its time per output token, prompt processing included
+            tpot = (now - self.started) / completion_tokens
         self.count("ok", ttft, tpot)
         if self.shadow is not None:
             target, pair_kind = self.shadow

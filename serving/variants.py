@@ -64,8 +64,12 @@ class FakeVariant:
         error_status: int | None = None,
         delay_s: float = 0.0,
         fail_midstream: Exception | None = None,
+        words_per_chunk: int = 1,
+        chunk_delay_s: float = 0.0,
     ) -> None:
         self.name = name
+        self.words_per_chunk = words_per_chunk  # an engine may send several tokens in one chunk
+        self.chunk_delay_s = chunk_delay_s
         self.fail = fail
         self.fail_midstream = fail_midstream  # raised after the first streamed chunk
         self.error_status = error_status
@@ -113,16 +117,25 @@ class FakeVariant:
         prompt = self.words(kind, request)
         usage = {"prompt_tokens": len(prompt), "completion_tokens": 3, "total_tokens": len(prompt) + 3}
         if getattr(request, "stream", False):
-            for piece in text.split(" "):
-                chunk = {
-                    "id": self.response_id(kind, request),
-                    "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-                    "model": request.model,
-                    "choices": [{"index": 0, "delta": {"content": piece + " "}, "text": piece + " "}],
-                }
+            import asyncio
+
+            words = text.split(" ")
+            header = {
+                "id": self.response_id(kind, request),
+                "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                "model": request.model,
+            }
+            for start in range(0, len(words), self.words_per_chunk):
+                if start and self.chunk_delay_s:
+                    await asyncio.sleep(self.chunk_delay_s)
+                piece = " ".join(words[start : start + self.words_per_chunk]) + " "
+                chunk = {**header, "choices": [{"index": 0, "delta": {"content": piece}, "text": piece}]}
                 yield [f"data: {json.dumps(chunk)}\n\n"]
                 if self.fail_midstream is not None:
                     raise self.fail_midstream
+            options = getattr(request, "stream_options", None)
+            if options is not None and options.include_usage:  # as vLLM: a last chunk, no choices
+                yield [f"data: {json.dumps({**header, 'choices': [], 'usage': usage})}\n\n"]
             return
         extra: dict[str, Any] = {"id": self.response_id(kind, request), "model": request.model, "usage": usage}
         if getattr(request, "prompt_logprobs", None) is not None:

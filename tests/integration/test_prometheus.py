@@ -82,6 +82,15 @@ def test_prometheus_scrapes_every_metric_of_the_contract(stack: Stack, prometheu
         batch.chat.completions.create(
             model="demo-chat", messages=[{"role": "user", "content": f"Prometheus {i}"}], max_tokens=8, user=f"p{i}"
         )
+    for i in range(2):  # time to first token and per output token are measured on streamed answers
+        stream = batch.chat.completions.create(
+            model="demo-chat",
+            messages=[{"role": "user", "content": f"Stream {i}"}],
+            max_tokens=8,
+            stream=True,
+            extra_body={"min_tokens": 8},  # several tokens, so there is a time per token after the first
+        )
+        assert len([chunk for chunk in stream if chunk.choices]) >= 1
     admin = openai.OpenAI(base_url=f"{BASE}/v1", api_key="demo-admin", max_retries=0, timeout=120)
     pinned = admin.chat.completions.create(
         model="demo-chat",

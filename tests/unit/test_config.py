@@ -25,10 +25,11 @@ def parse(text: str) -> object:
     return parse_config(text, base_dir=Path("/cfg"))
 
 
-def test_the_demo_config_is_valid_and_resolves_paths_beside_the_file() -> None:
-    config = load_config(REPO / "deploy" / "demo.yaml")
+@pytest.mark.parametrize(("file", "family"), [("demo.yaml", "smol"), ("tiny.yaml", "tiny")])
+def test_the_demo_configs_are_valid_and_resolve_paths_beside_the_file(file: str, family: str) -> None:
+    config = load_config(REPO / "deploy" / file)
     assert config.model == "demo-chat"
-    assert config.variants["fp16"].path == REPO / "models" / "demo" / "fp16"
+    assert config.variants["fp16"].path == REPO / "models" / family / "fp16"
     assert config.tiers["batch"].candidate == "awq"
     assert config.tiers["premium"].forbid == ("awq",)
     hashes = {k.sha256 for k in config.keys}

@@ -26,6 +26,7 @@ def make_core(
     delay_s: float = 0.0,
     max_concurrency: int = 4,
     spans: InMemorySpanExporter | None = None,
+    variants: dict[str, FakeVariant] | None = None,
 ) -> RouterCore:
     config = load_config(REPO / "deploy" / "demo.yaml")
     tiers = dict(config.tiers)
@@ -40,8 +41,8 @@ def make_core(
             ),
         }
     )
-    variants = {name: FakeVariant(name, delay_s=delay_s if name == "fp16" else 0.0) for name in config.variants}
-    core = RouterCore(config, variants, tracer=make_tracer(exporter=spans) if spans else None)
+    fakes = {name: FakeVariant(name, delay_s=delay_s if name == "fp16" else 0.0) for name in config.variants}
+    core = RouterCore(config, {**fakes, **(variants or {})}, tracer=make_tracer(exporter=spans) if spans else None)
     core.shadower.rng = random.Random(7)
     return core
 
@@ -169,9 +170,31 @@ async def test_requests_latency_tokens_and_weights_are_recorded() -> None:
     labels = {"variant": "fp16", "tier": "premium", "role": "primary"}
     assert sample(core, "serving_requests_total", **labels, outcome="ok") == 1
     assert sample(core, "serving_request_duration_seconds_count", **labels) == 1
-    assert sample(core, "serving_time_to_first_token_seconds_count", **labels) == 1
+    # A whole answer has no observable first token, nor a decode time apart from the prompt's.
+    assert sample(core, "serving_time_to_first_token_seconds_count", **labels) == 0
+    assert sample(core, "serving_time_per_output_token_seconds_count", **labels) == 0
     assert sample(core, "serving_tokens_total", variant="fp16", tier="premium", direction="out") == 3
     assert sample(core, "serving_canary_weight_percent", tier="batch", candidate="awq") == 50.0
+
+
+@pytest.mark.parametrize("client_asks_usage", [False, True])
+async def test_streamed_time_per_output_token_counts_tokens_not_chunks(client_asks_usage: bool) -> None:
+    # Three tokens in two chunks ("answer from" + "fp16"), 0.2 s apart: per token after the first that
+    # is 0.2 s / 2, where counting chunks would say 0.2 s / 1.
+    fp16 = FakeVariant("fp16", words_per_chunk=2, chunk_delay_s=0.2)
+    core = make_core(shadow_rate=0.0, variants={"fp16": fp16})
+    body = {**CHAT, "stream": True, **({"stream_options": {"include_usage": True}} if client_asks_usage else {})}
+    async with client_for(core) as client:
+        answer = await client.post("/v1/chat/completions", json=body, headers={"authorization": "Bearer demo-premium"})
+    events = [line.removeprefix("data: ") for line in answer.text.split("\n\n") if line.startswith("data: {")]
+    usage_events = [e for e in events if '"usage"' in e and '"choices": []' in e]
+    assert len(usage_events) == (1 if client_asks_usage else 0)  # the router's own ask is not passed on
+    assert fp16.requests[-1].stream_options.include_usage  # the engine was asked for token counts
+    labels = {"variant": "fp16", "tier": "premium", "role": "primary"}
+    assert sample(core, "serving_time_to_first_token_seconds_count", **labels) == 1
+    assert sample(core, "serving_time_per_output_token_seconds_count", **labels) == 1
+    assert 0.1 <= sample(core, "serving_time_per_output_token_seconds_sum", **labels) < 0.2
+    assert sample(core, "serving_tokens_total", variant="fp16", tier="premium", direction="out") == 3
 
 
 async def test_each_request_is_a_trace_with_routing_call_and_shadow_spans() -> None:
