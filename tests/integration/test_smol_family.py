@@ -3,6 +3,7 @@ loaded for real in vLLM: it answers real questions, in every precision."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,11 @@ def test_provenance_says_where_the_model_came_from_and_how_each_variant_was_made
     assert "dequantized" in base["base_model"]["dequantized_from"]
     assert base["base_model"]["parameters"] > 130_000_000
     assert base["built_on"] == hardware.host()
+    # The model card's sampling settings, which vLLM applies to requests that set none, in every variant.
+    assert base["sampling_defaults"] == {"temperature": 0.2, "top_p": 0.9}
+    for variant in family.SMOL.variants:
+        generation = json.loads((smol_family / variant.folder / "generation_config.json").read_text())
+        assert (generation["temperature"], generation["top_p"], generation["do_sample"]) == (0.2, 0.9, True)
     for variant in family.SMOL.quantized:
         found = manifest.read_manifest(smol_family / variant.folder, verify_weights=True)
         assert found["base_model"]["weights_sha256"] == base["weights_sha256"]
