@@ -156,8 +156,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="default: results/quality-<folder of the fp16 variant's family>.json")
     args = parser.parse_args()
     config_path = args.config.resolve()
-    candidates = [n for n in yaml.safe_load(config_path.read_text())["variants"] if n != "fp16"]
-    family_dir = (config_path.parent / yaml.safe_load(config_path.read_text())["variants"]["fp16"]["path"]).parent
+    variants = yaml.safe_load(config_path.read_text())["variants"]
+    candidates = [n for n in variants if n != "fp16"]
+    family_dir = (config_path.parent / variants["fp16"]["path"]).parent
     out = args.out or REPO / "results" / f"quality-{family_dir.resolve().name}.json"
 
     with tempfile.TemporaryDirectory() as tmp:

