@@ -361,8 +361,12 @@ class Call:
         usage: dict[str, Any] = {}
         engine_failed = False
         client_wants_usage = wants_usage(self.parsed)
+        needs_text = self.shadow is not None  # only a shadow comparison reads the answer's text
         try:
             async for packet in sse(first, rest):
+                if not needs_text and not may_need_parsing(packet):
+                    yield packet  # the common case: passed on as the engine wrote it, never parsed
+                    continue
                 kept: list[str] = []
                 for data in packet.split("\n\n"):
                     if not data.strip():
@@ -426,6 +430,13 @@ class Call:
             latency = time.monotonic() - self.started
             signal = RequestSignal(self.principal.tier, self.variant, outcome == "ok", latency, ttft, tpot)
             self.core.signals.append(signal)
+
+
+def may_need_parsing(packet: str) -> bool:
+    """Whether a packet of SSE events may hold the usage chunk (kept for the metrics, passed on only to a
+    client that asked for it) or an engine error. A cheap test on the text: a match that is only a word
+    in the answer costs a parse, never a wrong answer."""
+    return '"usage"' in packet or '"error"' in packet
 
 
 Hook = Callable[[], Awaitable[None]]
