@@ -93,6 +93,17 @@ class Report:
         return found
 
 
+def event_starts(series: Series, step: float) -> list[float]:
+    """Where an annotation's runs of non-zero points begin: Grafana shows a run as one event."""
+    starts, last = [], None
+    for t, v in series.points:
+        if v and (last is None or t - last > 1.5 * step):
+            starts.append(t)
+        if v:
+            last = t
+    return starts
+
+
 def legend(template: str, labels: dict[str, str]) -> str:
     """Grafana's legendFormat: {{label}} placeholders."""
     return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: labels.get(m.group(1), ""), template) or str(labels)
@@ -100,9 +111,9 @@ def legend(template: str, labels: dict[str, str]) -> str:
 
 def unit_formatter(unit: str) -> FuncFormatter:
     if unit == "percentunit":
-        return FuncFormatter(lambda v, _: f"{v * 100:.0f}%")
+        return FuncFormatter(lambda v, _: f"{v * 100:.3g}%")
     if unit == "percent":
-        return FuncFormatter(lambda v, _: f"{v:.0f}%")
+        return FuncFormatter(lambda v, _: f"{v:.3g}%")
     suffix = {"s": " s", "reqps": "/s"}.get(unit, unit.removeprefix("suffix:") if unit.startswith("suffix:") else "")
     return FuncFormatter(lambda v, _: f"{v:.3g}{suffix}")
 
@@ -139,9 +150,14 @@ def render(data: dict[str, Any], fetch: Fetch, start: float, end: float, out: Pa
     step = max((end - start) / POINTS, 1.0)
     rate_interval = f"{max(round(4 * step), 60)}s"  # as Grafana: at least four samples per rate window
     panels = data.get("panels", [])
-    height = max((p["gridPos"]["y"] + p["gridPos"]["h"] for p in panels), default=1)
+    # One spare grid row on top holds the dashboard's title.
+    height = max((p["gridPos"]["y"] + p["gridPos"]["h"] for p in panels), default=1) + 1
     figure = Figure(figsize=(16, max(height * INCHES_PER_ROW, 3)))
-    figure.suptitle(f"{data.get('title', '')}   {when(start):%Y-%m-%d %H:%M} to {when(end):%H:%M} UTC", fontsize=10)
+    figure.suptitle(
+        f"{data.get('title', '')}   {when(start):%Y-%m-%d %H:%M} to {when(end):%H:%M} UTC",
+        fontsize=10,
+        y=1 - 0.3 / height,
+    )
     report = Report(str(data.get("title", "")))
     events: list[tuple[float, str]] = []
     for annotation in data.get("annotations", {}).get("list", []):
@@ -151,12 +167,12 @@ def render(data: dict[str, Any], fetch: Fetch, start: float, end: float, out: Pa
             report.annotations[annotation["name"]] = 0
             report.panels.append(PanelResult(f"annotation {annotation['name']}", errors=[str(exc)]))
             continue
-        times = [t for series in marked for t, v in series.points if v]
-        report.annotations[annotation["name"]] = len(marked)
+        times = [t for series in marked for t in event_starts(series, step)]
+        report.annotations[annotation["name"]] = len(times)
         events += [(t, annotation.get("iconColor", "red")) for t in times]
     for panel in panels:
         g = panel["gridPos"]
-        left, top = g["x"] / GRID_COLUMNS, 1 - g["y"] / height
+        left, top = g["x"] / GRID_COLUMNS, 1 - (g["y"] + 1) / height
         if panel.get("type") == "row":
             figure.text(left + 0.005, top - 0.5 / height, str(panel.get("title", "")), fontsize=9, weight="bold")
             continue
