@@ -4,7 +4,7 @@ SHELL := /bin/bash
 FAMILY ?= smol
 CONFIG ?= deploy/$(if $(filter tiny,$(FAMILY)),tiny,demo).yaml
 
-.PHONY: install install-quant models serve test test-tools lint clean
+.PHONY: install install-quant models serve test test-tools lint dashboards clean
 
 install:  ## the serving environment (.venv): vLLM CPU build, Ray Serve, this package
 	@scripts/install.sh serving
@@ -23,6 +23,9 @@ test: install install-quant test-tools  ## lint, type checks and the whole test 
 
 test-tools:  ## the real Prometheus server and promtool that the observability tests use
 	@scripts/install-test-tools.sh
+
+dashboards: install  ## regenerate the Grafana dashboards in deploy/grafana/ from serving/dashboards/
+	@.venv/bin/python -m serving.dashboards
 
 lint: install
 	@.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy
