@@ -85,6 +85,10 @@ def _check(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     print(f"{args.config}: valid ({len(config.variants)} variants, {len(config.tiers)} tiers, {len(config.keys)} keys)")
+    for name, variant in config.variants.items():
+        # Nothing is downloaded here: a hub model is fetched by each engine's node when it starts.
+        where = f"hub {variant.hub} (not checked here)" if variant.hub else f"folder {variant.path}"
+        print(f"  {name:6} {variant.precision:5} {where}")
     return 0
 
 

@@ -36,18 +36,17 @@ class StartupFailed(RuntimeError):
     """A deployment of the application failed to start; the message says which and why."""
 
 
-def has_gpu() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
-
-
 def _stop_on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # same clean shutdown as Ctrl-C
 
 
 def check_variants_exist(config: Config) -> None:
-    missing = [f"{name} ({v.path})" for name, v in config.variants.items() if not (v.path / "config.json").is_file()]
+    # Hub models are downloaded by each engine's node; only local folders can be checked here.
+    missing = [
+        f"{name} ({v.path})"
+        for name, v in config.variants.items()
+        if v.path is not None and not (v.path / "config.json").is_file()
+    ]
     if missing:
         raise ConfigError(f"these variants have no model at their path: {', '.join(missing)}")
 
@@ -136,9 +135,9 @@ def deploy(config: Config, clock: Clock) -> None:
     """Deploys the application and prints a line per deployment as it becomes ready."""
     from ray import serve as ray_serve
 
-    from serving.app import APP_NAME, build_app, variant_deployment
+    from serving.app import APP_NAME, build_app, cluster_has_gpus, variant_deployment
 
-    app = build_app(config, gpu=has_gpu())
+    app = build_app(config, gpu_default=cluster_has_gpus())
     ray_serve.run_many([ray_serve.RunTarget(app, name=APP_NAME, route_prefix="/")], wait_for_applications_running=False)
     names = {variant_deployment(name): name for name in config.variants}
     watch(lambda: deployment_states(APP_NAME), names, clock, describe=lambda name: engine_facts(APP_NAME, name))
