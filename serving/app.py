@@ -21,7 +21,6 @@ from serving.variants import RayVariant
 
 logger = logging.getLogger("serving.app")
 
-APP_NAME = "serving"
 KV_CACHE_GIB = "1"  # GiB per engine: the CPU default reserves far more than tiny models need
 SYNC_INTERVAL_S = 0.5
 
