@@ -11,7 +11,7 @@ from typing import Any
 
 from ray import serve
 
-from serving.config import Config
+from serving.config import Config, ConfigError, VariantConfig, config_from_data
 from serving.engine import Placement, VariantServer
 from serving.kernels import WORKER_EXTENSION
 from serving.models import manifest
@@ -21,7 +21,6 @@ from serving.variants import RayVariant
 
 logger = logging.getLogger("serving.app")
 
-APP_NAME = "serving"
 KV_CACHE_GIB = "1"  # GiB per engine: the CPU default reserves far more than tiny models need
 SYNC_INTERVAL_S = 0.5
 
@@ -94,23 +93,23 @@ class Router:
         return create_app(lambda: self.core, [self.start_following, self.serve_metrics])
 
 
-def llm_config(model: str, name: str, path: str, max_model_len: int, *, gpu: bool) -> Any:
+def llm_config(model: str, name: str, variant: VariantConfig, *, gpu: bool) -> Any:
     from ray.serve.llm import LLMConfig
 
     return LLMConfig(
         # Every variant serves the same model name, so engine answers carry the name clients asked for.
-        model_loading_config={"model_id": model, "model_source": path},
+        model_loading_config={"model_id": model, "model_source": variant.source},
         # Without a GPU, a CPU bundle makes Ray infer a CPU deployment; the default asks for a GPU
         # and would wait for one forever.
         placement_group_config=None if gpu else {"bundles": [{"CPU": 1}]},
         runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GIB)}},
         # dtype and enforce_eager are set by VariantServer on the engine's own node, from its hardware.
         engine_kwargs={
-            "max_model_len": max_model_len,
+            "max_model_len": variant.max_model_len,
             "enable_log_requests": False,
             "worker_extension_cls": WORKER_EXTENSION,
         },
-        deployment_config={"num_replicas": 1, "name": variant_deployment(name)},
+        deployment_config={"name": variant_deployment(name), **variant.deployment_options()},
     )
 
 
@@ -121,6 +120,11 @@ def variant_deployment(name: str) -> str:
 def provenance_of(config: Config) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for name, variant in config.variants.items():
+        if variant.path is None:
+            # A hub model's folder exists only on the nodes that downloaded it; its model card is its provenance.
+            logger.warning("variant %s comes from the hub (%s): no provenance manifest is read", name, variant.hub)
+            found[name] = None
+            continue
         try:
             found[name] = manifest.read_manifest(variant.path)
         except manifest.ManifestError as exc:
@@ -129,14 +133,30 @@ def provenance_of(config: Config) -> dict[str, Any]:
     return found
 
 
-def build_app(config: Config, *, gpu: bool) -> Any:
-    """The application for `serve.run`; the config's variant paths must already be resolved."""
+def cluster_has_gpus() -> bool:
+    """Whether the Ray cluster this process is connected to has GPUs (this machine's, when not connected)."""
+    import ray
+
+    if ray.is_initialized():
+        return float(ray.cluster_resources().get("GPU", 0)) > 0
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def build_app(config: Config, *, gpu_default: bool) -> Any:
+    """The application for `serve.run`; the config's variant paths must already be resolved.
+
+    A variant runs on a GPU when its config says `gpu: true`, on a CPU when it says false, and
+    otherwise as `gpu_default` says (see cluster_has_gpus).
+    """
     from ray.serve.llm import build_llm_deployment
 
-    cpu_engines = 1 if gpu else len(config.variants)  # on CPU, the demo's engines share one node
+    on_gpu = {name: v.gpu if v.gpu is not None else gpu_default for name, v in config.variants.items()}
+    cpu_variants = [name for name, gpu in on_gpu.items() if not gpu]  # on CPU, the engines share a node
     handles = {
         name: build_llm_deployment(
-            llm_config(config.model, name, str(v.path), v.max_model_len, gpu=gpu),
+            llm_config(config.model, name, v, gpu=on_gpu[name]),
             name_prefix="",
             deployment_cls=VariantServer,
             bind_kwargs={
@@ -144,9 +164,28 @@ def build_app(config: Config, *, gpu: bool) -> Any:
                 "precision": v.precision,
                 "pinned_dtype": v.dtype,
                 "pinned_compile": v.compile,
-                "placement": Placement(0 if gpu else index, cpu_engines, gpu=gpu),
+                "placement": Placement(0, 1, gpu=True)
+                if on_gpu[name]
+                else Placement(cpu_variants.index(name), len(cpu_variants), gpu=False),
             },
         )
-        for index, (name, v) in enumerate(config.variants.items())
+        for name, v in config.variants.items()
     }
-    return Router.bind(config.model_dump_json(), handles, provenance_of(config))  # type: ignore[attr-defined]
+    router = Router.options(**config.router.deployment_options())  # type: ignore[attr-defined]
+    return router.bind(config.model_dump_json(), handles, provenance_of(config))
+
+
+def build_from_args(args: dict[str, Any]) -> Any:
+    """The application builder that a Ray Serve config file names (`import_path: serving.app:build_from_args`),
+    with the args that `serving serve-config` writes: `config` (the validated config file's content) and
+    `base_dir` (where its relative paths resolve on the cluster). The config is validated again here,
+    on the cluster, so a hand-edited file is refused with the same messages as `serving check`."""
+    from pathlib import Path
+
+    unknown = set(args) - {"config", "base_dir"}
+    if unknown:
+        raise ConfigError(f"unknown application args: {', '.join(sorted(unknown))} (expected config, base_dir)")
+    config = config_from_data(
+        args.get("config"), base_dir=Path(args.get("base_dir", ".")), source="the application's args.config"
+    )
+    return build_app(config, gpu_default=cluster_has_gpus())

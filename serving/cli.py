@@ -71,7 +71,27 @@ def _summary(found: dict[str, object]) -> str:
 def _serve(args: argparse.Namespace) -> int:
     from serving.launch import serve
 
-    return serve(args.config)
+    return serve(args.config, address=args.address)
+
+
+def _serve_config(args: argparse.Namespace) -> int:
+    from serving.serve_config import render, serve_config
+
+    generated = serve_config(args.config, base_dir=args.base_dir, http_host=args.http_host)
+    command = " ".join(
+        ["serving serve-config", str(args.config)]
+        + [
+            f"{flag} {value}"
+            for flag, value in (("--base-dir", args.base_dir), ("--http-host", args.http_host))
+            if value
+        ]
+    )
+    text = render(generated, command=command)
+    if args.output is None:
+        print(text, end="")
+    else:
+        args.output.write_text(text)
+    return 0
 
 
 def _apply(args: argparse.Namespace) -> int:
@@ -85,6 +105,10 @@ def _check(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     print(f"{args.config}: valid ({len(config.variants)} variants, {len(config.tiers)} tiers, {len(config.keys)} keys)")
+    for name, variant in config.variants.items():
+        # Nothing is downloaded here: a hub model is fetched by each engine's node when it starts.
+        where = f"hub {variant.hub} (not checked here)" if variant.hub else f"folder {variant.path}"
+        print(f"  {name:6} {variant.precision:5} {where}")
     return 0
 
 
@@ -164,7 +188,22 @@ def parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve the configured stack until Ctrl-C")
     serve.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
+    serve.add_argument(
+        "--address",
+        help="deploy onto this running Ray cluster (auto, or ray://HOST:10001) instead of starting Ray here; "
+        "returns once the application is ready and leaves it running",
+    )
     serve.set_defaults(func=_serve)
+    serve_config = commands.add_parser(
+        "serve-config", help="print a Ray Serve config (serve deploy, KubeRay serveConfigV2) for a config file"
+    )
+    serve_config.add_argument("config", type=Path, help="the config file (validated first)")
+    serve_config.add_argument(
+        "--base-dir", type=Path, help="where its relative paths resolve on the cluster (default: the file's folder)"
+    )
+    serve_config.add_argument("--http-host", help="where Serve listens (default: the config's server.host)")
+    serve_config.add_argument("-o", "--output", type=Path, help="write the file here instead of printing it")
+    serve_config.set_defaults(func=_serve_config)
     apply = commands.add_parser("apply", help="apply a changed config file to the running stack, in place")
     apply.add_argument("config", type=Path, help="the config file")
     apply.set_defaults(func=_apply)

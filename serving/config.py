@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -27,8 +27,56 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class VariantConfig(Strict):
-    path: Path = Field(description="folder of the model weights (HF layout), relative to the config file")
+class AutoscalingConfig(Strict):
+    """Ray Serve's autoscaling for one deployment (the fields of `ray.serve.config.AutoscalingConfig`
+    that operators set; defaults are Ray's). Replicas scale with requests in flight per replica."""
+
+    min_replicas: int = Field(1, ge=0, description="never fewer replicas than this")
+    max_replicas: int = Field(1, ge=1, description="never more replicas than this")
+    initial_replicas: int | None = Field(None, ge=0, description="replicas at deploy time (default: min_replicas)")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="requests in flight per replica to aim for")
+    upscale_delay_s: float = Field(30.0, ge=0, description="how long the load must stay high before scaling up")
+    downscale_delay_s: float = Field(600.0, ge=0, description="how long the load must stay low before scaling down")
+
+    @model_validator(mode="after")
+    def _bounds_in_order(self) -> Self:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        return self
+
+
+class Scaling(Strict):
+    """How many replicas a deployment runs: a fixed count, or Ray Serve's autoscaling (not both)."""
+
+    replicas: int | None = Field(None, ge=1, description="a fixed number of replicas (default 1)")
+    autoscaling: AutoscalingConfig | None = Field(None, description="Ray Serve autoscaling instead of a fixed count")
+
+    @model_validator(mode="after")
+    def _one_way_to_scale(self) -> Self:
+        if self.replicas is not None and self.autoscaling is not None:
+            raise ValueError("set replicas or autoscaling, not both")
+        return self
+
+    def deployment_options(self) -> dict[str, Any]:
+        """The Ray Serve deployment options for this scaling (`num_replicas` or `autoscaling_config`)."""
+        if self.autoscaling is not None:
+            return {"autoscaling_config": self.autoscaling.model_dump(exclude_none=True)}
+        return {"num_replicas": self.replicas or 1}
+
+
+# A Hugging Face model id, `org/name`: what vLLM and Ray Serve LLM download when no local folder is given.
+HUB_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class VariantConfig(Scaling):
+    path: Path | None = Field(None, description="folder of the model weights (HF layout), relative to the config file")
+    hub: str | None = Field(
+        None,
+        pattern=HUB_ID,
+        description="a Hugging Face model id (org/name), downloaded by each engine's node; instead of path",
+    )
     precision: Precision = Field(description="what the weights are; `forbid` lists refer to this")
     max_model_len: int = Field(1024, ge=16, description="engine context length (prompt + output tokens)")
     dtype: Dtype | None = Field(
@@ -37,6 +85,22 @@ class VariantConfig(Strict):
     compile: bool | None = Field(
         None, description="torch.compile the model; by default on GPUs only (serving.hardware.choose_compile)"
     )
+    gpu: bool | None = Field(
+        None,
+        description="one GPU per replica (true) or a CPU engine (false); by default, whether the Ray cluster "
+        "has GPUs when the application is built",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give the model's path (a local folder) or hub (a Hugging Face id), exactly one")
+        return self
+
+    @property
+    def source(self) -> str:
+        """What vLLM loads: the local folder, or the hub id."""
+        return str(self.path) if self.path is not None else str(self.hub)
 
 
 class ShadowConfig(Strict):
@@ -126,6 +190,10 @@ class ServerConfig(Strict):
     port: int = Field(8000, ge=1, le=65535)
 
 
+class RouterConfig(Scaling):
+    """The router (the HTTP ingress) deployment: how many replicas Ray Serve runs."""
+
+
 class Config(Strict):
     model: Name = Field(description="the model name clients send; the one name /v1/models lists")
     variants: dict[Name, VariantConfig]
@@ -136,6 +204,7 @@ class Config(Strict):
     observability: ObservabilityConfig = ObservabilityConfig()
     rollback: RollbackConfig = RollbackConfig()
     server: ServerConfig = ServerConfig()
+    router: RouterConfig = RouterConfig()
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Self:
@@ -165,8 +234,14 @@ class Config(Strict):
 
 
 def variants_differ(old: Config, new: Config) -> bool:
-    """Whether `new` names other variants, or other model paths for them: that needs a redeploy, not an apply."""
-    return {n: v.path for n, v in old.variants.items()} != {n: v.path for n, v in new.variants.items()}
+    """Whether `new` changes what is deployed (other variants, model sources, GPUs, replicas or autoscaling,
+    of a variant or of the router): that needs a redeploy, not an apply."""
+
+    def deployed(config: Config) -> object:
+        variants = {n: (v.source, v.gpu, v.deployment_options()) for n, v in config.variants.items()}
+        return variants, config.router.deployment_options()
+
+    return deployed(old) != deployed(new)
 
 
 def hash_key(plain: str) -> str:
@@ -189,15 +264,26 @@ def parse_config(text: str, *, base_dir: Path, source: str = "<config>") -> Conf
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source} is not valid YAML: {exc}") from exc
+    return config_from_data(raw, base_dir=base_dir, source=source)
+
+
+def config_from_data(raw: object, *, base_dir: Path, source: str = "<config>") -> Config:
+    """Validates a config already read into Python data (a parsed file, or the args of a Ray Serve config)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source} must be a YAML mapping at the top level")
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{source} is invalid:\n{_describe(exc)}") from None
+    return resolve_paths(config, base_dir)
+
+
+def resolve_paths(config: Config, base_dir: Path) -> Config:
     # Relative variant paths are relative to the config file, so a config can sit beside its models.
+    # Hub ids are not paths: each engine's node downloads them.
     variants = {
-        name: v.model_copy(update={"path": (base_dir / v.path).resolve()}) for name, v in config.variants.items()
+        name: v if v.path is None else v.model_copy(update={"path": (base_dir / v.path).resolve()})
+        for name, v in config.variants.items()
     }
     rollback = config.rollback.model_copy(update={"state_file": (base_dir / config.rollback.state_file).resolve()})
     return config.model_copy(update={"variants": variants, "rollback": rollback})

@@ -36,18 +36,17 @@ class StartupFailed(RuntimeError):
     """A deployment of the application failed to start; the message says which and why."""
 
 
-def has_gpu() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
-
-
 def _stop_on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # same clean shutdown as Ctrl-C
 
 
 def check_variants_exist(config: Config) -> None:
-    missing = [f"{name} ({v.path})" for name, v in config.variants.items() if not (v.path / "config.json").is_file()]
+    # Hub models are downloaded by each engine's node; only local folders can be checked here.
+    missing = [
+        f"{name} ({v.path})"
+        for name, v in config.variants.items()
+        if v.path is not None and not (v.path / "config.json").is_file()
+    ]
     if missing:
         raise ConfigError(f"these variants have no model at their path: {', '.join(missing)}")
 
@@ -73,48 +72,64 @@ class Clock:
         print(f"[{self.seconds():4.0f} s] {text}", flush=True)
 
 
-def serve(config_path: Path) -> int:
+def ray_init_options(address: str | None) -> dict[str, Any]:
+    """`ray.init` arguments: start a local Ray (no address) or join a running cluster (`auto`, `ray://...`).
+
+    Only a Ray started here gets more logical CPUs than the machine has (see RAY_LOGICAL_CPUS) and no
+    dashboard; a cluster that is joined keeps the resources and dashboard its operator gave it.
+    """
+    from serving.rollout.controller import NAMESPACE
+
+    options: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": False, "logging_level": logging.ERROR}
+    if address is None:
+        return {**options, "num_cpus": RAY_LOGICAL_CPUS, "include_dashboard": False}
+    return {**options, "address": address}
+
+
+def serve(config_path: Path, address: str | None = None) -> int:
+    """Serves the config until Ctrl-C on a Ray started here; with `address`, deploys onto that running
+    cluster, waits until every deployment is ready, and returns, leaving the application running there."""
     clock = Clock()
     config = load_config(config_path)
-    check_variants_exist(config)
+    if address is None:
+        # On a cluster the folders are on the engines' nodes, not necessarily here; Serve reports a missing one.
+        check_variants_exist(config)
     quiet_terminal()
 
     import ray
     from ray import serve as ray_serve
 
-    from serving.rollout.controller import NAMESPACE
-
     # The application module imports vLLM (about 6 s on 2 cores); do that while Ray starts its processes.
     importing = threading.Thread(target=importlib.import_module, args=("serving.app",), daemon=True)
     importing.start()
-    clock.say(f"starting Ray and {len(config.variants)} engines ({', '.join(config.variants)}) ...")
-    context = ray.init(
-        num_cpus=RAY_LOGICAL_CPUS,
-        namespace=NAMESPACE,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.ERROR,
-    )
+    where = f"the Ray cluster at {address}" if address else "Ray"
+    clock.say(f"starting {where} and {len(config.variants)} engines ({', '.join(config.variants)}) ...")
+    context = ray.init(**ray_init_options(address))
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     # Ctrl-C must stop the stack even where the shell started us with SIGINT ignored (e.g. with `&`).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     status = 0
     try:
-        clock.say(f"logs of Ray, the router and every engine: {Path(context.address_info['session_dir']) / 'logs'}")
+        if address is None:
+            clock.say(f"logs of Ray, the router and every engine: {Path(context.address_info['session_dir']) / 'logs'}")
+        # On a cluster whose Serve already runs, Serve keeps its own HTTP options and says so in its log.
         ray_serve.start(http_options={"host": config.server.host, "port": config.server.port})
         importing.join()
         quiet_terminal()  # again: Serve and Ray Serve LLM set their loggers' levels as they start
         deploy(config, clock)
-        print_ready(config, config_path, clock)
-        while True:
+        print_ready(config, config_path, clock, joined=address is not None)
+        while address is None:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("stopping ...", flush=True)
+        print(
+            "stopping ..." if address is None else "stopped watching; the deployment goes on in the cluster", flush=True
+        )
     except StartupFailed as exc:
         print(f"error: {exc}", flush=True)
         status = 1
     finally:
-        stop(ray_serve.shutdown, ray.shutdown)
+        # A cluster that was joined is not ours to stop: only this driver disconnects.
+        stop(*((ray_serve.shutdown, ray.shutdown) if address is None else (ray.shutdown,)))
     return status
 
 
@@ -136,9 +151,10 @@ def deploy(config: Config, clock: Clock) -> None:
     """Deploys the application and prints a line per deployment as it becomes ready."""
     from ray import serve as ray_serve
 
-    from serving.app import APP_NAME, build_app, variant_deployment
+    from serving.app import build_app, cluster_has_gpus, variant_deployment
+    from serving.serve_config import APP_NAME
 
-    app = build_app(config, gpu=has_gpu())
+    app = build_app(config, gpu_default=cluster_has_gpus())
     ray_serve.run_many([ray_serve.RunTarget(app, name=APP_NAME, route_prefix="/")], wait_for_applications_running=False)
     names = {variant_deployment(name): name for name in config.variants}
     watch(lambda: deployment_states(APP_NAME), names, clock, describe=lambda name: engine_facts(APP_NAME, name))
@@ -196,7 +212,7 @@ def engine_line(engine: str, facts: dict[str, Any]) -> str:
     )
 
 
-def print_ready(config: Config, config_path: Path, clock: Clock) -> None:
+def print_ready(config: Config, config_path: Path, clock: Clock, *, joined: bool = False) -> None:
     base = f"http://{config.server.host}:{config.server.port}"
     metrics = f"http://{config.observability.metrics_host}:{config.observability.metrics_port}/metrics"
     clock.say(f"ready: serving {config.model!r} at {base}/v1")
@@ -209,7 +225,11 @@ def print_ready(config: Config, config_path: Path, clock: Clock) -> None:
         f"  metrics    {metrics}\n"
         f"  weights    edit {config_path}, then `.venv/bin/serving apply {config_path}`\n"
         f"  rollout    `.venv/bin/serving rollout status`\n"
-        "  Ctrl-C stops everything.",
+        + (
+            "  the application stays on the cluster; `serve shutdown` (Ray's CLI) removes it."
+            if joined
+            else "  Ctrl-C stops everything."
+        ),
         flush=True,
     )
 
