@@ -240,11 +240,12 @@ def markdown(summary: dict[str, Any], about: dict[str, Any], rounds: int, prompt
     return "\n".join(lines)
 
 
-def write_markdown(path: Path, section: str) -> None:
+def write_markdown(path: Path, section: str, markers: tuple[str, str] = MARKERS) -> None:
+    """Replaces the section between the markers, or appends it."""
     text = path.read_text() if path.exists() else ""
-    if MARKERS[0] in text and MARKERS[1] in text:
-        head, rest = text.split(MARKERS[0], 1)
-        text = head + section + rest.split(MARKERS[1], 1)[1]
+    if markers[0] in text and markers[1] in text:
+        head, rest = text.split(markers[0], 1)
+        text = head + section + rest.split(markers[1], 1)[1]
     else:
         text += ("\n" if text else "") + section + "\n"
     path.write_text(text)
@@ -257,6 +258,8 @@ def main() -> int:
     parser.add_argument("--family-dir", type=Path, default=REPO / "models/tiny")
     parser.add_argument("--out", type=Path, default=REPO / "results/router-overhead")
     parser.add_argument("--markdown", type=Path, default=REPO / "BENCHMARKS.md")
+    parser.add_argument("--stack-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for the stack (e.g. to try a Ray Serve setting)")  # fmt: skip
     args = parser.parse_args()
     fp16 = args.family_dir / "fp16"
     if not (fp16 / "config.json").is_file():
@@ -266,7 +269,9 @@ def main() -> int:
         config_path = Path(tmp) / "bench.yaml"
         config = bench_config(args.family_dir, Path(tmp))
         config_path.write_text(yaml.safe_dump(config))
-        stack = start([str(REPO / ".venv/bin/serving"), "serve", "--config", str(config_path)], args.out / "stack.log")
+        stack_env = {**os.environ, **dict(item.split("=", 1) for item in args.stack_env)}
+        command = [str(REPO / ".venv/bin/serving"), "serve", "--config", str(config_path)]
+        stack = start(command, args.out / "stack.log", stack_env)
         direct = None
         try:
             wait_for(f"{ROUTER}/ready", stack, "the stack")

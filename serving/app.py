@@ -108,6 +108,9 @@ def llm_config(model: str, name: str, variant: VariantConfig, *, gpu: bool) -> A
             "max_model_len": variant.max_model_len,
             "enable_log_requests": False,
             "worker_extension_cls": WORKER_EXTENSION,
+            # Shadow generations and scoring calls carry a lower priority (serving.shadow.SHADOW_PRIORITY):
+            # the engine schedules every waiting primary first.
+            "scheduling_policy": "priority",
         },
         deployment_config={"name": variant_deployment(name), **variant.deployment_options()},
     )

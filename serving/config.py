@@ -158,6 +158,12 @@ class LimitsConfig(Strict):
 class ShadowingConfig(Strict):
     max_concurrency: int = Field(4, ge=1, description="comparisons in flight per router; more are dropped")
     noise_floor_rate: float = Field(0.1, ge=0.0, le=1.0, description="share of shadowed requests paired with itself")
+    max_primary_in_flight: int = Field(
+        2,
+        ge=0,
+        description="a shadow is shed (reason busy) when the primary's or the target's engine has more primary "
+        "requests in flight from this router than this: shadows use idle capacity, never a primary's",
+    )
 
 
 class ObservabilityConfig(Strict):

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import secrets
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -101,6 +102,9 @@ class RouterCore:
     ) -> None:
         self.config = config
         self.variants = dict(variants)
+        # Primary calls being answered, per variant. Weak: a call whose response was dropped before its
+        # stream ever ran (the client left) is forgotten with it instead of counting forever.
+        self.calls: dict[str, weakref.WeakSet[Call]] = {name: weakref.WeakSet() for name in self.variants}
         self.provenance = dict(provenance or {})
         self.metrics = Metrics(registry or CollectorRegistry())
         self.tracer = tracer or make_tracer(config.observability.otlp_endpoint)
@@ -109,6 +113,8 @@ class RouterCore:
             self.metrics,
             max_concurrency=config.shadowing.max_concurrency,
             noise_floor_rate=config.shadowing.noise_floor_rate,
+            max_primary_in_flight=config.shadowing.max_primary_in_flight,
+            in_flight=self.in_flight,
             tracer=self.tracer,
         )
         self.votes = Votes()
@@ -128,6 +134,11 @@ class RouterCore:
         self.config_version = 0
         self.start_series(config)
 
+    def in_flight(self, variant: str) -> int:
+        """Primary requests this router is waiting on from a variant's engine now."""
+        calls = self.calls.get(variant)
+        return len(calls) if calls is not None else 0
+
     def apply(self, config: Config) -> None:
         """Swaps in a new config. Variants cannot change without a redeploy; that is refused."""
         if variants_differ(self.config, config):
@@ -135,6 +146,7 @@ class RouterCore:
         self.config = config
         self.shadower.max_concurrency = config.shadowing.max_concurrency
         self.shadower.noise_floor_rate = config.shadowing.noise_floor_rate
+        self.shadower.max_primary_in_flight = config.shadowing.max_primary_in_flight
         self.feedback_limit.per_minute = config.limits.feedback_per_minute
         self.start_series(config)
 
@@ -330,14 +342,17 @@ class Call:
         metrics = self.core.metrics
         headers = {"x-served-variant": self.variant}
         streamed = bool(getattr(self.parsed, "stream", False))
+        self.core.calls[self.variant].add(self)
         try:
             engine_request = with_usage(self.parsed) if streamed else self.parsed
             stream = self.core.variants[self.variant].call(self.kind, engine_request)
             first = await anext(stream)
         except StopAsyncIteration:
+            self.done()
             self.count("error")
             raise Unavailable(f"variant {self.variant} returned nothing", code="empty_response") from None
         except Exception as exc:
+            self.done()
             self.count("error")
             logger.warning("variant %s failed: %r", self.variant, exc)
             raise Unavailable(
@@ -345,10 +360,12 @@ class Call:
             ) from None
         error = engine_error(first)
         if error is not None:
+            self.done()
             self.count("rejected")
             raise error
         first_at = time.monotonic()
         if hasattr(first, "model_dump"):  # a whole, non-streaming response
+            self.done()
             usage = first.usage
             self.finish(answer_text(self.kind, first), usage.completion_tokens, usage.prompt_tokens, first_at, False)
             return JSONResponse(first.model_dump(mode="json", exclude_none=True), headers=headers)
@@ -393,10 +410,16 @@ class Call:
             failure = Unavailable(f"variant {self.variant} failed during the answer; retry", code="stream_interrupted")
             yield sse_error(failure)
             return
+        finally:  # also when the client went away and the stream was closed
+            self.done()
         if engine_failed:
             self.count("error")
             return
         self.finish("".join(text), usage.get("completion_tokens"), usage.get("prompt_tokens"), first_at, True)
+
+    def done(self) -> None:
+        """The engine has finished with this call (or failed it): no longer in flight."""
+        self.core.calls[self.variant].discard(self)
 
     def finish(
         self, text: str, completion_tokens: int | None, prompt_tokens: int | None, first_at: float, streamed: bool

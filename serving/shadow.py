@@ -1,8 +1,14 @@
 """Off-path mirroring: after the primary has answered, a sampled request is replayed to the shadow
 target and the pair is compared, without the user's answer waiting for any of it.
 
-Concurrency is bounded: when `max_concurrency` comparisons are in flight, a new one is dropped and
-counted (reason `saturated`), never queued. A comparison that fails is counted too (reason `failed`).
+Shadows use idle capacity, never a primary's. A comparison is shed, counted with its reason, never queued:
+- `busy`: the primary's or the target's engine has more than `max_primary_in_flight` primary requests in
+  flight from this router. The router knows this at no cost, at the moment the comparison would start, and
+  it is what the comparison would compete with (on shared CPU cores, with everything else too);
+- `saturated`: `max_concurrency` comparisons are already in flight;
+- `failed` (afterwards): the comparison itself failed.
+Inside the engines, every shadow call runs at `SHADOW_PRIORITY` (vLLM's priority scheduling): a waiting
+primary is always scheduled first.
 
 Per pair, four off-path engine calls (all `max_tokens` 1 except the first):
 1. the shadow answers the same request (greedy settings as sent, non-streaming, n=1);
@@ -29,6 +35,8 @@ from serving.variants import Kind, VariantClient
 
 logger = logging.getLogger("serving.shadow")
 
+SHADOW_PRIORITY = 10  # vLLM schedules lower values first; primaries run at 0
+
 
 class Shadower:
     def __init__(
@@ -38,6 +46,8 @@ class Shadower:
         *,
         max_concurrency: int = 4,
         noise_floor_rate: float = 0.1,
+        max_primary_in_flight: int = 2,
+        in_flight: Callable[[str], int] = lambda variant: 0,
         rng: random.Random | None = None,
         tracer: trace.Tracer | None = None,
     ) -> None:
@@ -45,6 +55,8 @@ class Shadower:
         self.metrics = metrics
         self.max_concurrency = max_concurrency
         self.noise_floor_rate = noise_floor_rate
+        self.max_primary_in_flight = max_primary_in_flight
+        self.in_flight = in_flight  # primary requests in flight to a variant's engine, from this router
         self.rng = rng or random.Random()
         self.tracer = tracer or trace.get_tracer("serving.shadow")
         self.tasks: set[asyncio.Task[None]] = set()
@@ -64,6 +76,9 @@ class Shadower:
     def submit(
         self, tier: str, primary: str, target: str, kind_of_pair: str, kind: Kind, request: Any, primary_text: str
     ) -> bool:
+        if max(self.in_flight(primary), self.in_flight(target)) > self.max_primary_in_flight:
+            self.metrics.shadow_dropped.labels(tier, "busy").inc()
+            return False
         if len(self.tasks) >= self.max_concurrency:
             self.metrics.shadow_dropped.labels(tier, "saturated").inc()
             return False
@@ -141,7 +156,8 @@ def logprob_of(token: int, position: Any) -> float:
 
 
 def replay(request: Any) -> Any:
-    return request.model_copy(update={"stream": False, "n": 1, "stream_options": None, "request_id": new_request_id()})
+    update = {"stream": False, "n": 1, "stream_options": None, "request_id": new_request_id()}
+    return request.model_copy(update={**update, "priority": SHADOW_PRIORITY})
 
 
 def scoring_request(kind: Kind, request: Any, text: str) -> Any:
@@ -155,6 +171,7 @@ def scoring_request(kind: Kind, request: Any, text: str) -> Any:
         "temperature": 0.0,
         "logprobs": None,
         "request_id": new_request_id(),
+        "priority": SHADOW_PRIORITY,
     }
     if kind == "chat":
         messages = [*request.messages, {"role": "assistant", "content": text}]

@@ -51,10 +51,10 @@ class RayVariant:
 
 
 class FakeVariant:
-    """Deterministic, in-process stand-in for an engine, for fast router tests. Words are its tokens:
-    it answers "answer from <name>", reports usage, and teacher-forces text (`prompt_logprobs`) with
-    log-probabilities that depend on its name, so two fakes of different names disagree and drift,
-    and a fake compared with itself does neither. It can also fail the way it is told to."""
+    """Deterministic, in-process stand-in for an engine, for fast router tests. Words are its tokens: it
+    answers "answer from <name>" (or the `answer` it is given), reports usage, and teacher-forces text
+    (`prompt_logprobs`) with log-probabilities that depend on its name, so two fakes of different names
+    disagree and drift, and a fake compared with itself does neither. It can also fail the way it is told to."""
 
     def __init__(
         self,
@@ -66,8 +66,10 @@ class FakeVariant:
         fail_midstream: Exception | None = None,
         words_per_chunk: int = 1,
         chunk_delay_s: float = 0.0,
+        answer: str | None = None,
     ) -> None:
         self.name = name
+        self.answer = answer or f"answer from {name}"
         self.words_per_chunk = words_per_chunk  # an engine may send several tokens in one chunk
         self.chunk_delay_s = chunk_delay_s
         self.fail = fail
@@ -113,9 +115,13 @@ class FakeVariant:
             info = ErrorInfo(message="rejected by the engine", type="BadRequestError", code=self.error_status)
             yield ErrorResponse(error=info)
             return
-        text = f"answer from {self.name}"
-        prompt = self.words(kind, request)
-        usage = {"prompt_tokens": len(prompt), "completion_tokens": 3, "total_tokens": len(prompt) + 3}
+        text = self.answer
+        prompt, answer_words = self.words(kind, request), len(text.split())
+        usage = {
+            "prompt_tokens": len(prompt),
+            "completion_tokens": answer_words,
+            "total_tokens": len(prompt) + answer_words,
+        }
         if getattr(request, "stream", False):
             import asyncio
 

@@ -230,3 +230,85 @@ async def test_completions_are_shadowed_too() -> None:
         )
         == 3
     )
+
+
+async def test_shadows_are_shed_while_the_engines_are_busy_with_primaries() -> None:
+    # Four slow primaries on fp16 (the premium baseline and the batch tier's shadow target) keep it busy:
+    # a batch answer finishing meanwhile sheds its shadow; once fp16 is idle again, shadows run.
+    core = make_core(shadow_rate=1.0, delay_s=0.3, max_concurrency=16)
+    core.shadower.max_primary_in_flight = 2
+    async with client_for(core) as client:
+        premium = [
+            asyncio.create_task(
+                client.post(
+                    "/v1/chat/completions",
+                    json={**CHAT, "user": f"p{i}"},
+                    headers={"authorization": "Bearer demo-premium"},
+                )
+            )
+            for i in range(4)
+        ]
+        await asyncio.sleep(0.1)
+        assert core.in_flight("fp16") == 4
+        busy = await client.post(
+            "/v1/chat/completions", json={**CHAT, "user": "b0"}, headers={"authorization": "Bearer demo-batch"}
+        )
+        assert busy.status_code == 200
+        assert sample(core, "serving_shadow_dropped_total", tier="batch", reason="busy") == 1
+        for answer in await asyncio.gather(*premium):
+            assert answer.status_code == 200
+        assert core.in_flight("fp16") == 0
+        idle = await client.post(
+            "/v1/chat/completions", json={**CHAT, "user": "b1"}, headers={"authorization": "Bearer demo-batch"}
+        )
+        assert idle.status_code == 200
+    await settle(core)
+    assert sample(core, "serving_shadow_dropped_total", tier="batch", reason="busy") == 1
+    compared = sum(
+        sample(core, "serving_shadow_comparisons_total", tier="batch", primary=p, shadow="fp16", kind="candidate")
+        for p in ("int8", "awq")
+    )
+    assert compared == 1
+
+
+async def test_every_shadow_call_yields_to_primaries_in_the_engine() -> None:
+    from serving.shadow import SHADOW_PRIORITY
+
+    core = make_core(shadow_rate=1.0, max_concurrency=16)
+    async with client_for(core) as client:
+        for stream in (False, True):
+            answer = await client.post(
+                "/v1/chat/completions",
+                json={**CHAT, "user": "u1", "stream": stream},
+                headers={"authorization": "Bearer demo-batch"},
+            )
+            assert answer.status_code == 200
+    await settle(core)
+    fakes = [v for v in core.variants.values() if isinstance(v, FakeVariant)]
+    calls = [r for fake in fakes for r in fake.requests]
+    primaries = [r for r in calls if r.prompt_logprobs is None and r.priority == 0]
+    shadows = [r for r in calls if r.priority == SHADOW_PRIORITY]
+    assert len(primaries) == 2  # the two answers the client got
+    assert len(shadows) == 2 * 4  # each comparison: the shadow's answer and three scoring calls
+    assert len(calls) == len(primaries) + len(shadows)
+
+
+@pytest.mark.parametrize("outcome", ["ok", "stream", "engine_error", "failure", "midstream"])
+async def test_a_call_is_in_flight_until_the_engine_is_done_with_it(outcome: str) -> None:
+    fake = {
+        "ok": FakeVariant("fp16"),
+        "stream": FakeVariant("fp16"),
+        "engine_error": FakeVariant("fp16", error_status=400),
+        "failure": FakeVariant("fp16", fail=RuntimeError("down")),
+        "midstream": FakeVariant("fp16", fail_midstream=RuntimeError("died")),
+    }[outcome]
+    core = make_core(shadow_rate=0.0, variants={"fp16": fake})
+    stream = outcome in ("stream", "midstream")
+    async with client_for(core) as client:
+        answer = await client.post(
+            "/v1/chat/completions",
+            json={**CHAT, "stream": stream},
+            headers={"authorization": "Bearer demo-premium"},
+        )
+        assert answer.status_code in (200, 400, 503)
+    assert core.in_flight("fp16") == 0
