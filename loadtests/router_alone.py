@@ -13,7 +13,8 @@ each, in rounds that alternate the two paths.
 It reports requests/s (the most, at 64 clients, is what one router replica can do here) and latency
 p50/p99 at each load: with an instant engine, the whole latency is what the hops and the router add.
 `router - bare` is the router's own code. With `--profile DIR`, py-spy records the router replica during
-the 16-client streaming run and writes a flame graph there.
+the first 16-client streaming run of the router (that cell then carries the sampler's cost) and writes its
+flame graph there.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import profiling
 from router_overhead import REPO, machine, write_markdown
 
 BASE = "http://127.0.0.1:8000"
@@ -48,6 +49,7 @@ def deploy(config_path: Path) -> None:
 
     from serving.app import Router
     from serving.config import load_config
+    from serving.launch import set_fast_path_env
     from serving.protocol import parse_request, sse
     from serving.rollout.controller import NAMESPACE
     from serving.variants import FakeVariant
@@ -93,6 +95,7 @@ def deploy(config_path: Path) -> None:
             return StreamingResponse(sse(first, stream), media_type="text/event-stream")
 
     config = load_config(config_path)
+    set_fast_path_env()  # as `serving serve` does
     ray.init(num_cpus=12, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
     engines = {name: InstantEngine.options(name=f"instant-{name}").bind(name) for name in config.variants}  # type: ignore[attr-defined]
@@ -135,20 +138,6 @@ async def load(url: str, clients: int, seconds: float, stream: bool) -> dict[str
     }
 
 
-def profile(out: Path) -> subprocess.Popen[bytes] | None:
-    found = subprocess.run(
-        ["pgrep", "-f", "ServeReplica:serving:Router"], capture_output=True, text=True
-    ).stdout.split()
-    if not found:
-        print("no router replica to profile", flush=True)
-        return None
-    out.mkdir(parents=True, exist_ok=True)
-    py_spy = str(Path(sys.executable).parent / "py-spy")
-    command = [py_spy, "record", "--nonblocking", "-r", "100", "-d", "8", "-p", found[0]]
-    command += ["-o", str(out / "router-alone.svg"), "-f", "flamegraph"]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-
-
 def measure(rounds: int, seconds: float, profile_dir: Path | None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for round_index in range(rounds):
@@ -158,12 +147,14 @@ def measure(rounds: int, seconds: float, profile_dir: Path | None) -> list[dict[
         for stream in (True, False):
             for clients in LOADS:
                 for path, url in paths:
-                    spy = None
+                    samplers = []
                     if profile_dir and path == "router" and stream and clients == 16 and round_index == 0:
-                        spy = profile(profile_dir)
+                        samplers = profiling.start(
+                            {"router-alone": "ServeReplica:serving:Router"}, seconds, profile_dir
+                        )
                     result = asyncio.run(load(url, clients, seconds, stream))
-                    if spy is not None:
-                        spy.wait()
+                    for sampler in samplers:
+                        sampler.wait()
                     row = {"round": round_index, "path": path, "stream": stream, "clients": clients, **result}
                     rows.append(row)
                     print(json.dumps(row), flush=True)

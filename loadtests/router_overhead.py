@@ -40,6 +40,9 @@ import httpx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import profiling
+
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 ROUTER = "http://127.0.0.1:8000"
@@ -51,11 +54,13 @@ REPORTED = ("request_throughput", "output_throughput", "median_ttft_ms", "p99_tt
             "p99_tpot_ms", "median_e2el_ms", "p99_e2el_ms")  # fmt: skip
 
 
-def bench_config(family_dir: Path, state_dir: Path) -> dict[str, Any]:
+def bench_config(family_dir: Path, state_dir: Path, stream_batching_ms: float | None = None) -> dict[str, Any]:
     """deploy/tiny.yaml, with the standard tier on fp16 alone, every request shadowed to int8, no rollback."""
     config: dict[str, Any] = yaml.safe_load((REPO / "deploy/tiny.yaml").read_text())
     for variant in config["variants"].values():
         variant["path"] = str((REPO / "deploy" / variant["path"]).resolve())
+        if stream_batching_ms is not None:
+            variant["stream_batching_ms"] = stream_batching_ms
     config["tiers"]["standard"].update(weight=0.0, shadow={"target": "int8", "rate": 1.0})
     config["rollback"].update(enabled=False, state_file=str(state_dir / "rollout-state.json"))
     return config
@@ -139,16 +144,39 @@ def shadow_counts() -> dict[str, float]:
     return counts
 
 
+def idle_check(requests: int = 10) -> dict[str, float]:
+    """Shadows are shed under load; one client at a time, with pauses, leaves room for every one of them."""
+    before = shadow_counts()
+    body = {"model": "demo-chat", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}
+    for i in range(requests):
+        answer = httpx.post(
+            f"{ROUTER}/v1/chat/completions",
+            json={**body, "user": f"idle-{i}"},
+            headers={"authorization": f"Bearer {KEYS['shadow']}"},
+            timeout=60,
+        )
+        answer.raise_for_status()
+        time.sleep(1.5)
+    time.sleep(3)
+    after = shadow_counts()
+    counts = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    print(f"one client at a time, {requests} requests: shadows {counts}", flush=True)
+    if counts.get("compared", 0.0) < requests * 0.8 or counts.get("dropped_failed", 0.0):
+        raise SystemExit(f"shadows did not run when the stack was idle: {counts}")
+    return counts
+
+
 def runs_of(concurrency: int) -> list[str]:
     return ["direct", "router", "shadow"] if concurrency == 8 else ["router", "shadow"]
 
 
-def measure(rounds: int, prompts: int, tokenizer: Path, out: Path) -> list[dict[str, Any]]:
-    """Every run of every round, in an order that rotates each round."""
+def measure(rounds: int, prompts: int, tokenizer: Path, out: Path) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Every run of every round, in an order that rotates each round; and the shadows of an idle stack."""
     results: list[dict[str, Any]] = []
     for target in ("direct", "router", "shadow"):  # warm-up, discarded
         bench(target, 8, 40, tokenizer, out, f"warmup-{target}")
     time.sleep(5)  # shadows of the warm-up finish
+    idle = idle_check()
     for round_index in range(rounds):
         for concurrency in (8, 4):
             targets = runs_of(concurrency)
@@ -166,7 +194,22 @@ def measure(rounds: int, prompts: int, tokenizer: Path, out: Path) -> list[dict[
                 print(f"{name}: {row['request_throughput']:.1f} req/s, TTFT p50 {row['median_ttft_ms']:.0f} ms, "
                       f"p99 {row['p99_ttft_ms']:.0f} ms, e2e p50 {row['median_e2el_ms']:.0f} ms, "
                       f"shadows {shadows}", flush=True)  # fmt: skip
-    return results
+    return results, idle
+
+
+def profile(tokenizer: Path, out: Path, prompts: int) -> None:
+    """A pass of its own after the measured rounds: py-spy on the router, the proxy and the fp16 engine's
+    replica while `vllm bench serve` runs against the router at 8 clients."""
+    samplers = profiling.start(profiling.STACK_PROCESSES, 20, out / "profile")
+    bench("router", 8, prompts, tokenizer, out, "profiled-router")
+    for sampler in samplers:
+        sampler.wait()
+    for name in profiling.STACK_PROCESSES:
+        collapsed = out / "profile" / f"{name}.txt"
+        if collapsed.exists():
+            print(f"== {name}: frames holding the most samples")
+            for frame, share in profiling.top_frames(collapsed):
+                print(f"  {share:5.1%}  {frame[:140]}")
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -234,6 +277,12 @@ def markdown(summary: dict[str, Any], about: dict[str, Any], rounds: int, prompt
             f"| {m['median_ttft_ms']:.0f} ms | {m['p99_ttft_ms']:.0f} ms | {m['median_tpot_ms']:.1f} ms "
             f"| {m['p99_tpot_ms']:.1f} ms | {m['median_e2el_ms']:.0f} ms | {m['p99_e2el_ms']:.0f} ms | {shed} |"
         )  # fmt: skip
+    idle = summary["idle_shadows"]
+    lines += [
+        "",
+        f"With one client at a time (16-token chats, 1.5 s apart) on the shadowing tier, {idle.get('compared', 0):.0f} "
+        f"of 10 shadows were compared and {sum(v for k, v in idle.items() if k.startswith('dropped')):.0f} shed.",
+    ]
     lines += ["", "| ratio | value |", "|---|---|"]
     lines += [f"| {name} | {value:.2f} |" for name, value in summary["ratios"].items()]
     lines.append(MARKERS[1])
@@ -258,6 +307,10 @@ def main() -> int:
     parser.add_argument("--family-dir", type=Path, default=REPO / "models/tiny")
     parser.add_argument("--out", type=Path, default=REPO / "results/router-overhead")
     parser.add_argument("--markdown", type=Path, default=REPO / "BENCHMARKS.md")
+    parser.add_argument("--profile", action="store_true", help="then py-spy the router, proxy and engine replica")
+    parser.add_argument(
+        "--stream-batching-ms", type=float, default=None, help="every variant's, instead of the config's"
+    )
     parser.add_argument("--stack-env", action="append", default=[], metavar="NAME=VALUE",
                         help="an environment variable for the stack (e.g. to try a Ray Serve setting)")  # fmt: skip
     args = parser.parse_args()
@@ -267,7 +320,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "bench.yaml"
-        config = bench_config(args.family_dir, Path(tmp))
+        config = bench_config(args.family_dir, Path(tmp), args.stream_batching_ms)
         config_path.write_text(yaml.safe_dump(config))
         stack_env = {**os.environ, **dict(item.split("=", 1) for item in args.stack_env)}
         command = [str(REPO / ".venv/bin/serving"), "serve", "--config", str(config_path)]
@@ -279,12 +332,14 @@ def main() -> int:
             max_model_len = config["variants"]["fp16"].get("max_model_len", 1024)
             direct = direct_server(fp16, facts["dtype"], max_model_len, args.out / "direct.log")
             wait_for(f"{DIRECT}/health", direct, "vLLM's server")
-            results = measure(args.rounds, args.prompts, fp16, args.out)
+            results, idle = measure(args.rounds, args.prompts, fp16, args.out)
+            if args.profile:
+                profile(fp16, args.out, 4 * args.prompts)
         finally:
             for process in (direct, stack):
                 if process is not None:
                     stop(process)
-    summary = summarize(results)
+    summary = {**summarize(results), "idle_shadows": idle}
     about = machine()
     (args.out / "summary.json").write_text(json.dumps({"machine": about, **summary, "runs": results}, indent=2))
     section = markdown(summary, about, args.rounds, args.prompts)

@@ -113,6 +113,7 @@ def llm_config(model: str, name: str, variant: VariantConfig, *, gpu: bool) -> A
             "scheduling_policy": "priority",
         },
         deployment_config={"name": variant_deployment(name), **variant.deployment_options()},
+        experimental_configs={"stream_batching_interval_ms": variant.stream_batching_ms},
     )
 
 

@@ -70,6 +70,11 @@ class Scaling(Strict):
 HUB_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
+# Ray Serve LLM's default is 50 ms: on the tiny family it put ~20 % on the median time to first token
+# against vLLM's own server; 10 ms cost no throughput measurably there (BENCHMARKS.md).
+STREAM_BATCHING_MS = 10.0
+
+
 class VariantConfig(Scaling):
     path: Path | None = Field(None, description="folder of the model weights (HF layout), relative to the config file")
     hub: str | None = Field(
@@ -89,6 +94,13 @@ class VariantConfig(Scaling):
         None,
         description="one GPU per replica (true) or a CPU engine (false); by default, whether the Ray cluster "
         "has GPUs when the application is built",
+    )
+    stream_batching_ms: float = Field(
+        STREAM_BATCHING_MS,
+        ge=0,
+        description="how long the engine's deployment gathers streamed tokens into one message to the router "
+        "(Ray Serve LLM's stream_batching_interval_ms; 0: a message per token). Longer costs less CPU per answer; "
+        "the first token waits up to this long (BENCHMARKS.md)",
     )
 
     @model_validator(mode="after")
@@ -162,7 +174,7 @@ class ShadowingConfig(Strict):
         2,
         ge=0,
         description="a shadow is shed (reason busy) when the primary's or the target's engine has more primary "
-        "requests in flight from this router than this: shadows use idle capacity, never a primary's",
+        "requests in flight from this router than this, now or averaged over the last second",
     )
 
 
@@ -240,11 +252,11 @@ class Config(Strict):
 
 
 def variants_differ(old: Config, new: Config) -> bool:
-    """Whether `new` changes what is deployed (other variants, model sources, GPUs, replicas or autoscaling,
-    of a variant or of the router): that needs a redeploy, not an apply."""
+    """Whether `new` changes what is deployed (any setting of any variant's engine, or the router's replicas
+    or autoscaling): that needs a redeploy, not an apply."""
 
     def deployed(config: Config) -> object:
-        variants = {n: (v.source, v.gpu, v.deployment_options()) for n, v in config.variants.items()}
+        variants = {n: v.model_dump() for n, v in config.variants.items()}
         return variants, config.router.deployment_options()
 
     return deployed(old) != deployed(new)

@@ -8,10 +8,12 @@ stays in Ray's session log folder, whose path is printed once.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import io
 import logging
+import os
 import signal
 import sys
 import threading
@@ -72,6 +74,26 @@ class Clock:
         print(f"[{self.seconds():4.0f} s] {text}", flush=True)
 
 
+# Ray Serve's settings for a short request path, measured in BENCHMARKS.md: user code and the handle's router
+# run on the replica's own event loop instead of threads of their own, deployments call each other over gRPC,
+# request logs are buffered. These are what RAY_SERVE_THROUGHPUT_OPTIMIZED sets, less its direct ingress (no
+# proxy, an HTTP port per router replica), which several router replicas on one node could not share.
+FAST_PATH_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+}
+
+
+def set_fast_path_env() -> None:
+    """Puts FAST_PATH_ENV into the environment of the Ray processes started from here (an operator's own
+    values win). Called once this process has imported Ray Serve, which then keeps its defaults: this
+    driver makes blocking handle calls, which a router on its caller's event loop refuses."""
+    for name, value in FAST_PATH_ENV.items():
+        os.environ.setdefault(name, value)
+
+
 def ray_init_options(address: str | None) -> dict[str, Any]:
     """`ray.init` arguments: start a local Ray (no address) or join a running cluster (`auto`, `ray://...`).
 
@@ -99,6 +121,8 @@ def serve(config_path: Path, address: str | None = None) -> int:
     import ray
     from ray import serve as ray_serve
 
+    if address is None:  # a cluster that is joined has its own environment (helm/serving: values.yaml)
+        set_fast_path_env()
     # The application module imports vLLM (about 6 s on 2 cores); do that while Ray starts its processes.
     importing = threading.Thread(target=importlib.import_module, args=("serving.app",), daemon=True)
     importing.start()
@@ -174,8 +198,13 @@ def deployment_states(app_name: str) -> tuple[str, dict[str, tuple[str, str]]]:
 def engine_facts(app_name: str, deployment: str) -> dict[str, Any]:
     from ray import serve as ray_serve
 
-    facts: dict[str, Any] = ray_serve.get_deployment_handle(deployment, app_name).describe.remote().result(timeout_s=30)
-    return facts
+    async def ask() -> dict[str, Any]:
+        # Inside an event loop: a handle then works whether or not Serve runs its router in a loop of its own
+        # (RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 refuses blocking calls from outside one).
+        facts: dict[str, Any] = await ray_serve.get_deployment_handle(deployment, app_name).describe.remote()
+        return facts
+
+    return asyncio.run(asyncio.wait_for(ask(), timeout=30))
 
 
 def watch(

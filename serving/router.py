@@ -11,7 +11,6 @@ import asyncio
 import logging
 import secrets
 import time
-import weakref
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -26,6 +25,7 @@ from serving import attribution, limits, routing
 from serving.auth import Principal, authenticate
 from serving.config import Config, variants_differ
 from serving.errors import BadRequest, Conflict, Forbidden, NotFound, ServingError, TooManyRequests, Unavailable
+from serving.load import EngineLoad
 from serving.metrics import Metrics
 from serving.protocol import (
     answer_text,
@@ -102,9 +102,7 @@ class RouterCore:
     ) -> None:
         self.config = config
         self.variants = dict(variants)
-        # Primary calls being answered, per variant. Weak: a call whose response was dropped before its
-        # stream ever ran (the client left) is forgotten with it instead of counting forever.
-        self.calls: dict[str, weakref.WeakSet[Call]] = {name: weakref.WeakSet() for name in self.variants}
+        self.loads = {name: EngineLoad() for name in self.variants}  # primary calls in flight, per variant
         self.provenance = dict(provenance or {})
         self.metrics = Metrics(registry or CollectorRegistry())
         self.tracer = tracer or make_tracer(config.observability.otlp_endpoint)
@@ -134,10 +132,12 @@ class RouterCore:
         self.config_version = 0
         self.start_series(config)
 
-    def in_flight(self, variant: str) -> int:
-        """Primary requests this router is waiting on from a variant's engine now."""
-        calls = self.calls.get(variant)
-        return len(calls) if calls is not None else 0
+    def in_flight(self, variant: str) -> float:
+        """Primary requests this router has in flight to a variant's engine: now, or averaged over the last
+        second, whichever is more (a burst after a quiet spell is busy at once; answers that end together
+        leave the engine idle only for an instant)."""
+        load = self.loads.get(variant)
+        return max(load.now(), load.recent()) if load is not None else 0.0
 
     def apply(self, config: Config) -> None:
         """Swaps in a new config. Variants cannot change without a redeploy; that is refused."""
@@ -342,7 +342,7 @@ class Call:
         metrics = self.core.metrics
         headers = {"x-served-variant": self.variant}
         streamed = bool(getattr(self.parsed, "stream", False))
-        self.core.calls[self.variant].add(self)
+        self.core.loads[self.variant].started(self)
         try:
             engine_request = with_usage(self.parsed) if streamed else self.parsed
             stream = self.core.variants[self.variant].call(self.kind, engine_request)
@@ -419,7 +419,7 @@ class Call:
 
     def done(self) -> None:
         """The engine has finished with this call (or failed it): no longer in flight."""
-        self.core.calls[self.variant].discard(self)
+        self.core.loads[self.variant].finished(self)
 
     def finish(
         self, text: str, completion_tokens: int | None, prompt_tokens: int | None, first_at: float, streamed: bool

@@ -3,8 +3,8 @@ target and the pair is compared, without the user's answer waiting for any of it
 
 Shadows use idle capacity, never a primary's. A comparison is shed, counted with its reason, never queued:
 - `busy`: the primary's or the target's engine has more than `max_primary_in_flight` primary requests in
-  flight from this router. The router knows this at no cost, at the moment the comparison would start, and
-  it is what the comparison would compete with (on shared CPU cores, with everything else too);
+  flight from this router, now or on average over the last second (`serving.load`). The router knows this at
+  no cost, and it is what the comparison would compete with (on shared CPU cores, with everything else too);
 - `saturated`: `max_concurrency` comparisons are already in flight;
 - `failed` (afterwards): the comparison itself failed.
 Inside the engines, every shadow call runs at `SHADOW_PRIORITY` (vLLM's priority scheduling): a waiting
@@ -47,7 +47,7 @@ class Shadower:
         max_concurrency: int = 4,
         noise_floor_rate: float = 0.1,
         max_primary_in_flight: int = 2,
-        in_flight: Callable[[str], int] = lambda variant: 0,
+        in_flight: Callable[[str], float] = lambda variant: 0.0,
         rng: random.Random | None = None,
         tracer: trace.Tracer | None = None,
     ) -> None:
@@ -56,7 +56,7 @@ class Shadower:
         self.max_concurrency = max_concurrency
         self.noise_floor_rate = noise_floor_rate
         self.max_primary_in_flight = max_primary_in_flight
-        self.in_flight = in_flight  # primary requests in flight to a variant's engine, from this router
+        self.in_flight = in_flight  # primaries in flight to a variant's engine from this router, lately
         self.rng = rng or random.Random()
         self.tracer = tracer or trace.get_tracer("serving.shadow")
         self.tasks: set[asyncio.Task[None]] = set()

@@ -9,6 +9,7 @@ import re
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from serving import hardware
 from tests.integration.conftest import BASE, Stack, apply_config, served_variants
@@ -63,6 +64,30 @@ def test_each_demo_key_chats_and_completes_streaming_and_not(stack: Stack, key: 
 
     streamed = api.completions.create(model="demo-chat", prompt="Four score", max_tokens=6, stream=True)
     assert "".join(c.choices[0].text for c in streamed if c.choices)
+
+
+# premium's streams pass through unparsed; batch's may be shadowed (rate 0.2), and then are parsed
+@pytest.mark.parametrize("key", ["demo-premium", "demo-batch"])
+def test_streams_end_with_usage_only_for_clients_that_ask(stack: Stack, key: str) -> None:
+    api = client(key)
+    hello: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello"}]
+    asked = list(
+        api.chat.completions.create(
+            model="demo-chat",
+            messages=hello,
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+            user="u1",
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in asked if c.choices)
+    assert asked[-1].choices == []
+    assert asked[-1].usage is not None
+    assert 1 <= asked[-1].usage.completion_tokens <= 6  # a random-weight model may stop early
+    plain = list(api.chat.completions.create(model="demo-chat", messages=hello, max_tokens=6, stream=True, user="u1"))
+    assert "".join(c.choices[0].delta.content or "" for c in plain if c.choices)
+    assert all(c.usage is None and c.choices for c in plain)
 
 
 def test_models_lists_the_model_with_variant_provenance(stack: Stack) -> None:

@@ -3,6 +3,7 @@ turns healthy, and a clear error when one cannot start."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -40,3 +41,17 @@ def test_a_deployment_that_cannot_start_stops_the_start_with_serves_reason(monke
     states = states_from(("DEPLOY_FAILED", {"VariantServer:variant-fp16": ("DEPLOY_FAILED", "no GPU on the node")}))
     with pytest.raises(StartupFailed, match="engine fp16 did not start: no GPU on the node"):
         watch(states, ENGINES, Clock(), describe=lambda deployment: FACTS)
+
+
+def test_ray_processes_get_serve_fast_path_settings_unless_the_operator_set_their_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from serving.launch import FAST_PATH_ENV, set_fast_path_env
+
+    for name in FAST_PATH_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RAY_SERVE_USE_GRPC_BY_DEFAULT", "0")
+    set_fast_path_env()
+    assert os.environ["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+    assert os.environ["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] == "0"
+    assert os.environ["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "0"  # the operator's
