@@ -17,6 +17,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from serving.launch import FAST_PATH_ENV
 from serving.serve_config import render, serve_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -142,6 +143,8 @@ def test_the_rayservice_serves_the_generated_config_with_token_auth_and_internal
             "name": secret["metadata"]["name"],
             "key": "auth_token",
         }
+        fast_path = {name: e["value"] for name, e in env.items() if name in FAST_PATH_ENV}
+        assert fast_path == FAST_PATH_ENV  # as `serving serve` runs Ray Serve
     groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
     assert groups["gpu"]["rayStartParams"]["num-gpus"] == "1"
     gpu_container = groups["gpu"]["template"]["spec"]["containers"][0]

@@ -38,6 +38,16 @@ inject too; they are set here so that the rendered manifest shows them, and Kube
     secretKeyRef:
       name: {{ include "serving.authSecret" . }}
       key: auth_token
+{{- /* Ray Serve's short request path, as `serving serve` sets it (serving.launch.FAST_PATH_ENV; a test keeps
+them equal): user code and handle routers on the replica's loop, gRPC between deployments. */}}
+- name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
+  value: "0"
+- name: RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP
+  value: "0"
+- name: RAY_SERVE_USE_GRPC_BY_DEFAULT
+  value: "1"
+- name: RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE
+  value: "1000"
 {{- if .Values.huggingFace.tokenSecret }}
 - name: HF_TOKEN
   valueFrom:
