@@ -8,7 +8,6 @@ stays in Ray's session log folder, whose path is printed once.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib
 import io
@@ -198,13 +197,10 @@ def deployment_states(app_name: str) -> tuple[str, dict[str, tuple[str, str]]]:
 def engine_facts(app_name: str, deployment: str) -> dict[str, Any]:
     from ray import serve as ray_serve
 
-    async def ask() -> dict[str, Any]:
-        # Inside an event loop: a handle then works whether or not Serve runs its router in a loop of its own
-        # (RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 refuses blocking calls from outside one).
-        facts: dict[str, Any] = await ray_serve.get_deployment_handle(deployment, app_name).describe.remote()
-        return facts
-
-    return asyncio.run(asyncio.wait_for(ask(), timeout=30))
+    # A blocking call: this process imported Ray Serve before FAST_PATH_ENV was set, so its handles keep a
+    # router on a loop of their own (see set_fast_path_env).
+    facts: dict[str, Any] = ray_serve.get_deployment_handle(deployment, app_name).describe.remote().result(timeout_s=30)
+    return facts
 
 
 def watch(
