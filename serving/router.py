@@ -343,6 +343,8 @@ class Call:
         headers = {"x-served-variant": self.variant}
         streamed = bool(getattr(self.parsed, "stream", False))
         self.core.loads[self.variant].started(self)
+        if self.core.in_flight(self.variant) > self.core.shadower.max_primary_in_flight:
+            self.core.shadower.preempt(self.variant)
         try:
             engine_request = with_usage(self.parsed) if streamed else self.parsed
             stream = self.core.variants[self.variant].call(self.kind, engine_request)

@@ -6,6 +6,7 @@ Shadows use idle capacity, never a primary's. A comparison is shed, counted with
   flight from this router, now or on average over the last second (`serving.load`). The router knows this at
   no cost, and it is what the comparison would compete with (on shared CPU cores, with everything else too);
 - `saturated`: `max_concurrency` comparisons are already in flight;
+- `preempted`: a comparison already running is cancelled when primaries make one of its engines busy;
 - `failed` (afterwards): the comparison itself failed.
 Inside the engines, every shadow call runs at `SHADOW_PRIORITY` (vLLM's priority scheduling): a waiting
 primary is always scheduled first.
@@ -60,6 +61,7 @@ class Shadower:
         self.rng = rng or random.Random()
         self.tracer = tracer or trace.get_tracer("serving.shadow")
         self.tasks: set[asyncio.Task[None]] = set()
+        self.running: dict[asyncio.Task[None], tuple[str, str, str]] = {}  # task -> (tier, primary, target)
         self.on_compared: Callable[[ComparisonSignal], None] | None = None  # signals for the rollout controller
 
     def pick_target(self, primary: str, target: str, rate: float) -> tuple[str, str] | None:
@@ -86,8 +88,25 @@ class Shadower:
             self.run(tier, primary, target, kind_of_pair, kind, request, primary_text)
         )
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.running[task] = (tier, primary, target)
+        task.add_done_callback(self.forget)
         return True
+
+    def forget(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.running.pop(task, None)
+
+    def preempt(self, variant: str) -> int:
+        """Cancels the comparisons that use this variant's engine, now that primaries keep it busy: a
+        comparison started in a quiet moment must not slow the burst that follows. Returns how many."""
+        cancelled = 0
+        for task, (tier, primary, target) in list(self.running.items()):
+            if variant in (primary, target) and not task.done():
+                task.cancel()  # through the Ray handle, the engine aborts the request too
+                self.running.pop(task, None)
+                self.metrics.shadow_dropped.labels(tier, "preempted").inc()
+                cancelled += 1
+        return cancelled
 
     async def run(
         self, tier: str, primary: str, target: str, kind_of_pair: str, kind: Kind, request: Any, primary_text: str

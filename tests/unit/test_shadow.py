@@ -316,3 +316,31 @@ async def test_a_call_is_in_flight_until_the_engine_is_done_with_it(outcome: str
         )
         assert answer.status_code in (200, 400, 503)
     assert core.loads["fp16"].now() == 0
+
+
+async def test_a_running_comparison_is_cancelled_when_primaries_make_its_engine_busy() -> None:
+    # fp16, the batch tier's shadow target, takes 0.5 s per call. A comparison starts while it is idle;
+    # then three premium primaries arrive on fp16, and the comparison gives way.
+    core = make_core(shadow_rate=1.0, delay_s=0.5, max_concurrency=16)
+    core.shadower.max_primary_in_flight = 2
+    async with client_for(core) as client:
+        batch = await client.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer demo-batch"})
+        assert batch.status_code == 200
+        assert len(core.shadower.running) == 1
+        (comparison,) = core.shadower.tasks
+        premium = [
+            client.post(
+                "/v1/chat/completions", json={**CHAT, "user": f"p{i}"}, headers={"authorization": "Bearer demo-premium"}
+            )
+            for i in range(3)
+        ]
+        answers = await asyncio.gather(*premium)
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert comparison.cancelled()
+    assert sample(core, "serving_shadow_dropped_total", tier="batch", reason="preempted") == 1
+    compared = sum(
+        sample(core, "serving_shadow_comparisons_total", tier="batch", primary=p, shadow="fp16", kind="candidate")
+        for p in ("int8", "awq")
+    )
+    assert compared == 0
+    assert not core.shadower.running
