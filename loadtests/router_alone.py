@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import statistics
 import sys
@@ -111,23 +112,26 @@ async def load(url: str, clients: int, seconds: float, stream: bool) -> dict[str
     headers = {"authorization": "Bearer demo-premium"}
     latencies: list[float] = []
     failed = 0
+    first_failure = ""
     deadline = time.monotonic() + seconds
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60, limits=limits) as http:
 
         async def client(i: int) -> None:
-            nonlocal failed
+            nonlocal failed, first_failure
             while time.monotonic() < deadline:
                 started = time.monotonic()
                 async with http.stream("POST", "/v1/chat/completions", json={**body, "user": f"u{i}"}) as answer:
-                    async for _ in answer.aiter_bytes():
-                        pass
+                    text = b"".join([chunk async for chunk in answer.aiter_bytes()])
                     if answer.status_code != 200:
                         failed += 1
+                        first_failure = first_failure or f"{answer.status_code} {text[:300]!r}"
                         continue
                 latencies.append(time.monotonic() - started)
 
         await asyncio.gather(*(client(i) for i in range(clients)))
+    if not latencies:
+        raise SystemExit(f"every request to {url} failed ({failed}); the first: {first_failure}")
     latencies.sort()
     return {
         "requests": len(latencies),
@@ -205,6 +209,7 @@ def main() -> int:
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR")
     args = parser.parse_args()
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Ray's logging setup would log every request
     deploy(args.config)
     try:
         rows = measure(args.rounds, args.seconds, args.profile)
