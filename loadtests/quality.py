@@ -35,6 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving.config import hash_key
 from serving.evals import load_eval_set
 from serving.hardware import host
+from serving.launch import METRICS_REPORT_INTERVAL_MS
 
 REPO = Path(__file__).resolve().parents[1]
 PORT, METRICS_PORT = 18_421, 18_422
@@ -81,6 +82,8 @@ def requests() -> list[list[dict[str, str]]]:
 
 
 def scrape() -> list[tuple[str, dict[str, str], float]]:
+    """Every sample of Ray's metrics agent on this node (all router replicas), once the last requests are in it."""
+    time.sleep(2 * METRICS_REPORT_INTERVAL_MS / 1000)
     text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
     return [(s.name, s.labels, s.value) for f in text_string_to_metric_families(text) for s in f.samples]
 
@@ -91,13 +94,13 @@ def pair_stats(primary: str, target: str) -> dict[str, float]:
                    and labels.get("shadow") == target)  # fmt: skip
 
     samples = scrape()
-    n = total("serving_shadow_comparisons_total")
-    drift_n = total("serving_score_drift_count")
+    n = total("ray_serving_shadow_comparisons_total")
+    drift_n = total("ray_serving_score_drift_count")
     return {
         "comparisons": n,
-        "disagreement_rate": total("serving_shadow_disagreements_total") / n if n else float("nan"),
-        "token_agreement": total("serving_token_agreement_ratio_sum") / n if n else float("nan"),
-        "score_drift": total("serving_score_drift_sum") / drift_n if drift_n else float("nan"),
+        "disagreement_rate": total("ray_serving_shadow_disagreements_total") / n if n else float("nan"),
+        "token_agreement": total("ray_serving_token_agreement_ratio_sum") / n if n else float("nan"),
+        "score_drift": total("ray_serving_score_drift_sum") / drift_n if drift_n else float("nan"),
         "scored": drift_n,
     }
 

@@ -43,11 +43,17 @@ from prometheus_client.parser import text_string_to_metric_families
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import profiling
 
+from serving.launch import METRICS_REPORT_INTERVAL_MS
+
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 ROUTER = "http://127.0.0.1:8000"
 DIRECT = "http://127.0.0.1:8100"
+# Ray's metrics agent on this node (observability.metrics_port, fixed by `serving serve`): every router replica's
+# metrics, summed here. Replicas hand over their samples every METRICS_REPORT_INTERVAL_MS, so a reading waits
+# two intervals to include the requests that just ended.
 METRICS = "http://127.0.0.1:8080/metrics"
+EXPORT_WAIT_S = 2 * METRICS_REPORT_INTERVAL_MS / 1000
 KEYS = {"router": "demo-premium", "shadow": "demo-standard", "direct": "none"}
 MARKERS = ("<!-- router-overhead -->", "<!-- /router-overhead -->")
 REPORTED = ("request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms",
@@ -132,13 +138,14 @@ def bench(target: str, concurrency: int, prompts: int, tokenizer: Path, out: Pat
 
 
 def shadow_counts() -> dict[str, float]:
-    """Shadow comparisons made and shadows dropped (by reason), from the router's metrics."""
+    """Shadow comparisons made and shadows dropped (by reason), from every router replica's metrics."""
+    time.sleep(EXPORT_WAIT_S)
     counts: dict[str, float] = {}
     for family in text_string_to_metric_families(httpx.get(METRICS, timeout=10).text):
         for sample in family.samples:
-            if sample.name == "serving_shadow_comparisons_total":
+            if sample.name == "ray_serving_shadow_comparisons_total":
                 counts["compared"] = counts.get("compared", 0.0) + sample.value
-            elif sample.name == "serving_shadow_dropped_total":
+            elif sample.name == "ray_serving_shadow_dropped_total":
                 key = f"dropped_{sample.labels.get('reason')}"
                 counts[key] = counts.get(key, 0.0) + sample.value
     return counts

@@ -14,6 +14,7 @@ from ray import serve
 from serving.config import Config, ConfigError, VariantConfig, config_from_data
 from serving.engine import Placement, VariantServer
 from serving.kernels import WORKER_EXTENSION
+from serving.metrics import Metrics, RayExport
 from serving.models import manifest
 from serving.rollout.controller import controller
 from serving.router import RouterCore, create_app
@@ -30,7 +31,12 @@ SYNC_INTERVAL_S = 0.5
 class Router:
     def __init__(self, config_json: str, handles: dict[str, Any], provenance: dict[str, Any]) -> None:
         config = Config.model_validate_json(config_json)
-        self.core = RouterCore(config, {name: RayVariant(h) for name, h in handles.items()}, provenance)
+        # Created here, in the replica, so Serve labels them with this deployment and replica; the node's
+        # metrics agent exports them (see serving/metrics.py): no replica opens a port of its own.
+        metrics = Metrics(RayExport())
+        self.core = RouterCore(
+            config, {name: RayVariant(h) for name, h in handles.items()}, provenance, metrics=metrics
+        )
         # Until the controller answers, candidates get no traffic: a restarted router must never
         # bring back a weight that the controller rolled back.
         self.core.live_weights = {}
@@ -79,18 +85,8 @@ class Router:
             logger.exception("the rollout controller did not answer at start; candidates stay at 0 until it does")
         asyncio.get_running_loop().create_task(self.follow_controller())
 
-    async def serve_metrics(self) -> None:
-        """Each router replica serves its own /metrics; Prometheus aggregates across replicas."""
-        from prometheus_client import start_http_server
-
-        where = self.core.config.observability
-        try:
-            start_http_server(where.metrics_port, addr=where.metrics_host, registry=self.core.metrics.registry)
-        except OSError as exc:
-            logger.warning("cannot serve metrics on %s:%d: %s", where.metrics_host, where.metrics_port, exc)
-
     def __serve_build_asgi_app__(self) -> Any:
-        return create_app(lambda: self.core, [self.start_following, self.serve_metrics])
+        return create_app(lambda: self.core, [self.start_following])
 
 
 def llm_config(model: str, name: str, variant: VariantConfig, *, gpu: bool) -> Any:

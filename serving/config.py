@@ -179,8 +179,14 @@ class ShadowingConfig(Strict):
 
 
 class ObservabilityConfig(Strict):
-    metrics_host: str = Field("127.0.0.1", description="where each router replica serves /metrics")
-    metrics_port: int = Field(8080, ge=1, le=65535)
+    metrics_host: str = Field("127.0.0.1", description="the host in the metrics address that `serving serve` prints")
+    metrics_port: int = Field(
+        8080,
+        ge=1,
+        le=65535,
+        description="the port of the node's Ray metrics agent, which exports every replica's metrics, for a Ray "
+        "that `serving serve` starts (a cluster that is joined keeps its own)",
+    )
     otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces endpoint, e.g. http://host:4318/v1/traces")
 
 

@@ -31,6 +31,9 @@ RAY_LOGICAL_CPUS = 12
 STARTUP_POLL_S = 0.5
 # Loggers that print to the driver's terminal while the stack starts; their records stay in Ray's files.
 CHATTY_LOGGERS = ("ray", "ray.serve", "ray.llm", "vllm", "serving.app")
+# How often every process hands its metrics to the node's metrics agent, for a Ray started here (Ray's
+# default, 10 s, would leave the demo's and the tests' first scrapes empty); Ray's own Serve tests use 1 s.
+METRICS_REPORT_INTERVAL_MS = 1000
 
 
 class StartupFailed(RuntimeError):
@@ -93,17 +96,25 @@ def set_fast_path_env() -> None:
         os.environ.setdefault(name, value)
 
 
-def ray_init_options(address: str | None) -> dict[str, Any]:
+def ray_init_options(address: str | None, metrics_port: int | None = None) -> dict[str, Any]:
     """`ray.init` arguments: start a local Ray (no address) or join a running cluster (`auto`, `ray://...`).
 
-    Only a Ray started here gets more logical CPUs than the machine has (see RAY_LOGICAL_CPUS) and no
-    dashboard; a cluster that is joined keeps the resources and dashboard its operator gave it.
+    Only a Ray started here gets more logical CPUs than the machine has (see RAY_LOGICAL_CPUS), no
+    dashboard, its metrics agent on `metrics_port` (where every replica's metrics are served; Ray would
+    pick a random port) and a short metrics export interval; a cluster that is joined keeps the
+    resources, dashboard and metrics settings its operator gave it.
     """
     from serving.rollout.controller import NAMESPACE
 
     options: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": False, "logging_level": logging.ERROR}
     if address is None:
-        return {**options, "num_cpus": RAY_LOGICAL_CPUS, "include_dashboard": False}
+        return {
+            **options,
+            "num_cpus": RAY_LOGICAL_CPUS,
+            "include_dashboard": False,
+            "_metrics_export_port": metrics_port,
+            "_system_config": {"metrics_report_interval_ms": METRICS_REPORT_INTERVAL_MS},
+        }
     return {**options, "address": address}
 
 
@@ -127,7 +138,7 @@ def serve(config_path: Path, address: str | None = None) -> int:
     importing.start()
     where = f"the Ray cluster at {address}" if address else "Ray"
     clock.say(f"starting {where} and {len(config.variants)} engines ({', '.join(config.variants)}) ...")
-    context = ray.init(**ray_init_options(address))
+    context = ray.init(**ray_init_options(address, config.observability.metrics_port))
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     # Ctrl-C must stop the stack even where the shell started us with SIGINT ignored (e.g. with `&`).
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -140,7 +151,7 @@ def serve(config_path: Path, address: str | None = None) -> int:
         importing.join()
         quiet_terminal()  # again: Serve and Ray Serve LLM set their loggers' levels as they start
         deploy(config, clock)
-        print_ready(config, config_path, clock, joined=address is not None)
+        print_ready(config, config_path, clock, joined=address is not None, metrics_port=metrics_port_of(context))
         while address is None:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -237,9 +248,22 @@ def engine_line(engine: str, facts: dict[str, Any]) -> str:
     )
 
 
-def print_ready(config: Config, config_path: Path, clock: Clock, *, joined: bool = False) -> None:
+def metrics_port_of(context: Any) -> int | None:
+    """The port of this node's Ray metrics agent (None through Ray Client, which runs no node here)."""
+    port = getattr(context, "address_info", {}).get("metrics_export_port")
+    return int(port) if port else None
+
+
+def print_ready(
+    config: Config, config_path: Path, clock: Clock, *, joined: bool = False, metrics_port: int | None = None
+) -> None:
     base = f"http://{config.server.host}:{config.server.port}"
-    metrics = f"http://{config.observability.metrics_host}:{config.observability.metrics_port}/metrics"
+    # Every replica's metrics (router and engines) come out of each node's Ray metrics agent; this node's:
+    metrics = (
+        f"http://{config.observability.metrics_host}:{metrics_port}/metrics (this node's Ray metrics agent)"
+        if metrics_port
+        else "each node's Ray metrics agent (Prometheus: prom_metrics_service_discovery.json in Ray's session folder)"
+    )
     clock.say(f"ready: serving {config.model!r} at {base}/v1")
     print(
         f"  keys       see README (demo keys: demo-premium, demo-standard, demo-batch, demo-admin)\n"

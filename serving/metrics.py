@@ -1,137 +1,276 @@
-"""Every metric of the router, declared once. One prefix (`serving_`), base units, `_total` only on
-counters, small fixed label sets. Ratios are computed in PromQL, not exported; each declaration
-carries the query that reads it.
+"""Every metric of the router, declared once. One prefix (`serving_`, exported as `ray_serving_`), base
+units, `_total` only on counters, small fixed label sets. Ratios are computed in PromQL, not exported;
+each declaration carries the query that reads it.
 
-The registry is passed in, so tests read samples with `registry.get_sample_value(...)`.
+Where the samples go is a backend, passed in:
+
+- `RayExport` (the deployment): Ray Serve's own metrics (`ray.serve.metrics`). Each replica hands its
+  samples to its node's metrics agent, which serves every replica and engine on the node at one port
+  (`_metrics_export_port`; `serving serve` fixes it to `observability.metrics_port` for a Ray it starts)
+  and is found by Prometheus through `prom_metrics_service_discovery.json` in Ray's session folder (or
+  KubeRay's PodMonitor). So no replica opens a port: any number of router replicas on a node report,
+  which a port per replica (the earlier `prometheus_client.start_http_server`) could not. The cost,
+  read from ray 2.60's source and checked on a live agent: Ray prefixes every name with `ray_`
+  (`serving_requests_total` is scraped as `ray_serving_requests_total`), adds the labels `deployment`,
+  `replica` and `application` (and Ray's own `NodeAddress`, `WorkerId`, ...), so every query
+  aggregates across replicas (`sum by`, `max by` for the gauges every replica mirrors from the
+  controller), and exports every `metrics_report_interval_ms` (10 s by default; 1 s for a Ray that
+  `serving serve` starts). The metrics must be created in the replica's constructor, where Serve's
+  replica context exists, or its labels are missing.
+- `InMemory` (unit tests, benchmarks of the router alone): a prometheus_client registry holding the
+  same names as Prometheus scrapes them (`ray_` prefix included, Serve's labels not), read with
+  `sample(metrics, name, labels)`.
+
+Ray histograms take only boundaries above 0, so RATIO_BUCKETS has no 0 bucket (a ratio of exactly 0
+falls in `le="0.1"`).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry
+from prometheus_client import Counter as PromCounter
+from prometheus_client import Gauge as PromGauge
+from prometheus_client import Histogram as PromHistogram
+
+# Ray's metrics agent prefixes every application metric with this.
+EXPORTED_PREFIX = "ray_"
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 DRIFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
+class CounterSeries(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class GaugeSeries(Protocol):
+    def set(self, value: float) -> None: ...
+
+
+class HistogramSeries(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
+class CounterFamily(Protocol):
+    def labels(self, *values: str) -> CounterSeries: ...
+
+
+class GaugeFamily(GaugeSeries, Protocol):  # a gauge without labels is set directly
+    def labels(self, *values: str) -> GaugeSeries: ...
+
+
+class HistogramFamily(Protocol):
+    def labels(self, *values: str) -> HistogramSeries: ...
+
+
+class Backend(Protocol):
+    def counter(self, name: str, description: str, labels: Sequence[str]) -> CounterFamily: ...
+
+    def gauge(self, name: str, description: str, labels: Sequence[str] = ()) -> GaugeFamily: ...
+
+    def histogram(
+        self, name: str, description: str, labels: Sequence[str], buckets: Sequence[float]
+    ) -> HistogramFamily: ...
+
+
+class InMemory:
+    """A prometheus_client registry under the names Prometheus scrapes from Ray's agent."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+
+    def counter(self, name: str, description: str, labels: Sequence[str]) -> CounterFamily:
+        return PromCounter(EXPORTED_PREFIX + name, description, labels, registry=self.registry)
+
+    def gauge(self, name: str, description: str, labels: Sequence[str] = ()) -> GaugeFamily:
+        return PromGauge(EXPORTED_PREFIX + name, description, labels, registry=self.registry)
+
+    def histogram(
+        self, name: str, description: str, labels: Sequence[str], buckets: Sequence[float]
+    ) -> HistogramFamily:
+        return PromHistogram(EXPORTED_PREFIX + name, description, labels, buckets=buckets, registry=self.registry)
+
+
+class _RaySeries:
+    """One label set of a Ray metric; Ray takes the labels as a dict on every call."""
+
+    def __init__(self, metric: Any, tags: dict[str, str]) -> None:
+        self.metric = metric
+        self.tags = tags
+
+    def inc(self, amount: float = 1) -> None:
+        if amount > 0:
+            self.metric.inc(amount, tags=self.tags)
+        elif amount == 0:
+            # Ray's inc refuses 0, but a zero is data where an absent series is not (a panel reads 0 drops,
+            # not "no data"); record it below the check, as Ray's inc would record a positive amount.
+            self.metric._record(0.0, tags=self.tags)
+
+    def set(self, value: float) -> None:
+        self.metric.set(value, tags=self.tags)
+
+    def observe(self, amount: float) -> None:
+        self.metric.observe(amount, tags=self.tags)
+
+
+class _RayFamily:
+    def __init__(self, metric: Any, labels: Sequence[str]) -> None:
+        self.metric = metric
+        self.label_names = tuple(labels)
+        self.series: dict[tuple[str, ...], _RaySeries] = {}
+
+    def labels(self, *values: str) -> _RaySeries:
+        found = self.series.get(values)
+        if found is None:
+            if len(values) != len(self.label_names):
+                raise ValueError(f"{self.metric.info['name']} takes labels {self.label_names}, got {values}")
+            found = self.series[values] = _RaySeries(self.metric, dict(zip(self.label_names, values, strict=True)))
+        return found
+
+    def set(self, value: float) -> None:
+        self.metric.set(value)
+
+
+class RayExport:
+    """Ray Serve's metrics: the node's metrics agent exports them. Create inside a replica's constructor."""
+
+    def counter(self, name: str, description: str, labels: Sequence[str]) -> CounterFamily:
+        from ray.serve import metrics
+
+        return _RayFamily(metrics.Counter(name, description, tag_keys=tuple(labels)), labels)
+
+    def gauge(self, name: str, description: str, labels: Sequence[str] = ()) -> GaugeFamily:
+        from ray.serve import metrics
+
+        return _RayFamily(metrics.Gauge(name, description, tag_keys=tuple(labels)), labels)
+
+    def histogram(
+        self, name: str, description: str, labels: Sequence[str], buckets: Sequence[float]
+    ) -> HistogramFamily:
+        from ray.serve import metrics
+
+        return _RayFamily(
+            metrics.Histogram(name, description, boundaries=list(buckets), tag_keys=tuple(labels)), labels
+        )
+
+
+def sample(metrics: Metrics, name: str, labels: Mapping[str, str] | None = None) -> float | None:
+    """A sample's value from in-memory metrics (tests), by its scraped name, e.g. `ray_serving_requests_total`."""
+    if not isinstance(metrics.backend, InMemory):
+        raise TypeError("only in-memory metrics can be read here; Ray's are read from the node's metrics agent")
+    return metrics.backend.registry.get_sample_value(name, dict(labels or {}))
+
+
 class Metrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
+    def __init__(self, backend: Backend | None = None) -> None:
+        if backend is None:
+            backend = InMemory()
+        self.backend = backend
         # histogram_quantile(0.99,
-        #   sum by (le, variant) (rate(serving_request_duration_seconds_bucket{role="primary"}[5m])))
-        self.request_duration = Histogram(
+        #   sum by (le, variant) (rate(ray_serving_request_duration_seconds_bucket{role="primary"}[5m])))
+        self.request_duration = backend.histogram(
             "serving_request_duration_seconds",
             "End-to-end latency of a variant call, as the router sees it",
-            ["variant", "tier", "role"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+            ("variant", "tier", "role"),
+            LATENCY_BUCKETS,
         )
-        # histogram_quantile(0.99, sum by (le, variant) (rate(serving_time_to_first_token_seconds_bucket[5m])))
-        self.time_to_first_token = Histogram(
+        # histogram_quantile(0.99, sum by (le, variant) (rate(ray_serving_time_to_first_token_seconds_bucket[5m])))
+        self.time_to_first_token = backend.histogram(
             "serving_time_to_first_token_seconds",
             "Time until the first token of a streamed answer (not recorded for whole answers)",
-            ["variant", "tier", "role"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+            ("variant", "tier", "role"),
+            LATENCY_BUCKETS,
         )
-        # histogram_quantile(0.5, sum by (le, variant) (rate(serving_time_per_output_token_seconds_bucket[5m])))
-        self.time_per_output_token = Histogram(
+        # histogram_quantile(0.5, sum by (le, variant) (rate(ray_serving_time_per_output_token_seconds_bucket[5m])))
+        self.time_per_output_token = backend.histogram(
             "serving_time_per_output_token_seconds",
             "Time per output token after the first, from the engine's token counts",
-            ["variant", "tier", "role"],
-            buckets=PER_TOKEN_BUCKETS,
-            registry=registry,
+            ("variant", "tier", "role"),
+            PER_TOKEN_BUCKETS,
         )
-        # sum by (variant) (rate(serving_requests_total{outcome!="ok"}[5m]))
-        #   / sum by (variant) (rate(serving_requests_total[5m]))
-        self.requests = Counter(
+        # sum by (variant) (rate(ray_serving_requests_total{outcome!="ok"}[5m]))
+        #   / sum by (variant) (rate(ray_serving_requests_total[5m]))
+        self.requests = backend.counter(
             "serving_requests_total",
             "Requests by the variant that served them and outcome",
-            ["variant", "tier", "role", "outcome"],
-            registry=registry,
+            ("variant", "tier", "role", "outcome"),
         )
-        # sum by (variant, direction) (rate(serving_tokens_total[5m]))
-        self.tokens = Counter(
+        # sum by (variant, direction) (rate(ray_serving_tokens_total[5m]))
+        self.tokens = backend.counter(
             "serving_tokens_total",
             "Prompt (in) and completion (out) tokens",
-            ["variant", "tier", "direction"],
-            registry=registry,
+            ("variant", "tier", "direction"),
         )
-        # rate(serving_shadow_disagreements_total[5m]) / rate(serving_shadow_comparisons_total[5m])
-        self.shadow_comparisons = Counter(
+        # rate(ray_serving_shadow_disagreements_total[5m]) / rate(ray_serving_shadow_comparisons_total[5m])
+        self.shadow_comparisons = backend.counter(
             "serving_shadow_comparisons_total",
             "Compared primary/shadow pairs; kind=noise_floor pairs a variant with itself",
-            ["tier", "primary", "shadow", "kind"],
-            registry=registry,
+            ("tier", "primary", "shadow", "kind"),
         )
-        self.shadow_disagreements = Counter(
+        self.shadow_disagreements = backend.counter(
             "serving_shadow_disagreements_total",
             "Pairs whose normalized outputs differ",
-            ["tier", "primary", "shadow", "kind"],
-            registry=registry,
+            ("tier", "primary", "shadow", "kind"),
         )
-        # sum(rate(serving_token_agreement_ratio_sum[5m])) / sum(rate(serving_token_agreement_ratio_count[5m]))
-        self.token_agreement = Histogram(
+        # sum(rate(ray_serving_token_agreement_ratio_sum[5m])) / sum(rate(ray_serving_token_agreement_ratio_count[5m]))
+        self.token_agreement = backend.histogram(
             "serving_token_agreement_ratio",
             "Share of output token positions where primary and shadow agree",
-            ["tier", "primary", "shadow", "kind"],
-            buckets=RATIO_BUCKETS,
-            registry=registry,
+            ("tier", "primary", "shadow", "kind"),
+            RATIO_BUCKETS,
         )
-        # rate(serving_score_drift_sum[5m]) / rate(serving_score_drift_count[5m])
-        self.score_drift = Histogram(
+        # rate(ray_serving_score_drift_sum[5m]) / rate(ray_serving_score_drift_count[5m])
+        self.score_drift = backend.histogram(
             "serving_score_drift",
             "Mean |delta log-prob| per token of the primary's output, teacher-forced",
-            ["tier", "primary", "shadow", "kind"],
-            buckets=DRIFT_BUCKETS,
-            registry=registry,
+            ("tier", "primary", "shadow", "kind"),
+            DRIFT_BUCKETS,
         )
-        # sum by (variant, kind) (rate(serving_overrides_total[5m]))
-        self.overrides = Counter(
+        # sum by (variant, kind) (rate(ray_serving_overrides_total[5m]))
+        self.overrides = backend.counter(
             "serving_overrides_total",
             "Routing pins (kind=routing) and people overturning answers (kind=feedback)",
-            ["variant", "tier", "kind"],
-            registry=registry,
+            ("variant", "tier", "kind"),
         )
-        # sum by (variant, tier) (rate(serving_feedback_total[5m]))
-        self.feedback = Counter(
+        # sum by (variant, tier) (rate(ray_serving_feedback_total[5m]))
+        self.feedback = backend.counter(
             "serving_feedback_total",
             "Feedback received on answers, overturned or not",
-            ["variant", "tier"],
-            registry=registry,
+            ("variant", "tier"),
         )
-        # sum by (tier, reason) (rate(serving_shadow_dropped_total[5m]))
-        self.shadow_dropped = Counter(
+        # sum by (tier, reason) (rate(ray_serving_shadow_dropped_total[5m]))
+        self.shadow_dropped = backend.counter(
             "serving_shadow_dropped_total",
             "Shadow requests dropped instead of queued",
-            ["tier", "reason"],
-            registry=registry,
+            ("tier", "reason"),
         )
-        # sum by (tier, reason) (increase(serving_rollbacks_total[1h]))
-        self.rollbacks = Counter(
+        # Each replica counts the controller's rollbacks, so take one replica's count, not the sum:
+        # max by (tier, reason) (increase(ray_serving_rollbacks_total[1h]))
+        self.rollbacks = backend.counter(
             "serving_rollbacks_total",
             "Automatic rollbacks of a tier's candidate, by the check that tripped",
-            ["tier", "reason"],
-            registry=registry,
+            ("tier", "reason"),
         )
-        # serving_rollout_phase == 1
-        self.rollout_phase = Gauge(
+        # Every router replica mirrors the controller's state, so read one replica's view:
+        # max by (tier, phase) (ray_serving_rollout_phase) == 1
+        self.rollout_phase = backend.gauge(
             "serving_rollout_phase",
             "1 for the tier's current rollout phase, 0 for the others",
-            ["tier", "phase"],
-            registry=registry,
+            ("tier", "phase"),
         )
-        # max(serving_rollout_fail_safe) == 1   (page: canaries are held at 0 until an operator applies a config)
-        self.rollout_fail_safe = Gauge(
+        # max(ray_serving_rollout_fail_safe) == 1   (page: canaries are held at 0 until an operator applies a config)
+        self.rollout_fail_safe = backend.gauge(
             "serving_rollout_fail_safe",
             "1 while the rollout controller holds every candidate at 0 after a damaged state file",
-            registry=registry,
         )
-        # serving_canary_weight_percent
-        self.canary_weight = Gauge(
+        # max by (tier, candidate) (ray_serving_canary_weight_percent)
+        self.canary_weight = backend.gauge(
             "serving_canary_weight_percent",
             "Live canary weight of the tier's candidate",
-            ["tier", "candidate"],
-            registry=registry,
+            ("tier", "candidate"),
         )

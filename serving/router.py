@@ -19,7 +19,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
-from prometheus_client import CollectorRegistry
 
 from serving import attribution, limits, routing
 from serving.auth import Principal, authenticate
@@ -97,14 +96,14 @@ class RouterCore:
         variants: Mapping[str, VariantClient],
         provenance: Mapping[str, dict[str, Any]] | None = None,
         *,
-        registry: CollectorRegistry | None = None,
+        metrics: Metrics | None = None,
         tracer: trace.Tracer | None = None,
     ) -> None:
         self.config = config
         self.variants = dict(variants)
         self.loads = {name: EngineLoad() for name in self.variants}  # primary calls in flight, per variant
         self.provenance = dict(provenance or {})
-        self.metrics = Metrics(registry or CollectorRegistry())
+        self.metrics = metrics or Metrics()  # in memory, unless the deployment passes Ray's export
         self.tracer = tracer or make_tracer(config.observability.otlp_endpoint)
         self.shadower = Shadower(
             self.variants,

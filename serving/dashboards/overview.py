@@ -38,7 +38,7 @@ def latency(metric: str) -> list[Query]:
 def requests(outcome: str) -> str:
     """Requests per second by variant and tier whose outcome matches, e.g. '="error"'."""
     selector = f"{{{PRIMARY_ROLE}, outcome{outcome}, {TIER}, {VARIANT}}}"
-    return f"sum by (variant, tier) (rate(serving_requests_total{selector}{RATE}))"
+    return f"sum by (variant, tier) (rate(ray_serving_requests_total{selector}{RATE}))"
 
 
 def build(rollback: RollbackConfig) -> list[dashboard_builders.Row | timeseries.Panel]:
@@ -79,7 +79,7 @@ def build(rollback: RollbackConfig) -> list[dashboard_builders.Row | timeseries.
             "suffix: tok/s",
             [
                 Query(
-                    f"sum by (variant, direction) (rate(serving_tokens_total{{{TIER}, {VARIANT}}}{RATE}))",
+                    f"sum by (variant, direction) (rate(ray_serving_tokens_total{{{TIER}, {VARIANT}}}{RATE}))",
                     "{{variant}} {{direction}}",
                 )
             ],
@@ -90,7 +90,7 @@ def build(rollback: RollbackConfig) -> list[dashboard_builders.Row | timeseries.
             "p50, p95 and p99 of the whole variant call, from the router's request to the last byte. Grows with "
             "the answer's length; the rollout judges TTFT and time per output token instead.",
             "s",
-            latency("serving_request_duration_seconds"),
+            latency("ray_serving_request_duration_seconds"),
             width=8,
         ),
         panel(
@@ -99,7 +99,7 @@ def build(rollback: RollbackConfig) -> list[dashboard_builders.Row | timeseries.
             f"The rollout trips when the candidate's p{round(rollback.latency_quantile * 100)} is surely over "
             f"{rollback.max_latency_ratio}x the baseline's.",
             "s",
-            latency("serving_time_to_first_token_seconds"),
+            latency("ray_serving_time_to_first_token_seconds"),
             width=8,
         ),
         panel(
@@ -108,7 +108,7 @@ def build(rollback: RollbackConfig) -> list[dashboard_builders.Row | timeseries.
             f"The rollout trips when the candidate's p{round(rollback.latency_quantile * 100)} is surely over "
             f"{rollback.max_latency_ratio}x the baseline's.",
             "s",
-            latency("serving_time_per_output_token_seconds"),
+            latency("ray_serving_time_per_output_token_seconds"),
             width=8,
         ),
         row("Canary and shadow"),
@@ -119,7 +119,7 @@ def build(rollback: RollbackConfig) -> list[dashboard_builders.Row | timeseries.
             "percent",
             [
                 Query(
-                    f"max by (tier, candidate) (serving_canary_weight_percent{{{TIER}}})",
+                    f"max by (tier, candidate) (ray_serving_canary_weight_percent{{{TIER}}})",
                     "{{tier}}: {{candidate}}",
                 )
             ],
@@ -133,7 +133,7 @@ def build(rollback: RollbackConfig) -> list[dashboard_builders.Row | timeseries.
             "reqps",
             [
                 Query(
-                    f"sum by (tier, reason) (rate(serving_shadow_dropped_total{{{TIER}}}{RATE}))",
+                    f"sum by (tier, reason) (rate(ray_serving_shadow_dropped_total{{{TIER}}}{RATE}))",
                     "{{tier}} {{reason}}",
                 )
             ],

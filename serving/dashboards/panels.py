@@ -93,7 +93,10 @@ def variables() -> list[dashboard_builders.DatasourceVariable | dashboard_builde
         dashboard_builders.DatasourceVariable("datasource").label("Prometheus").type("prometheus")
     ]
     # Tiers come from the canary weight, which every router sets at start-up: the list fills before traffic.
-    sources = (("tier", "Tier", "serving_canary_weight_percent"), ("variant", "Variant", "serving_requests_total"))
+    sources = (
+        ("tier", "Tier", "ray_serving_canary_weight_percent"),
+        ("variant", "Variant", "ray_serving_requests_total"),
+    )
     for name, label, metric in sources:
         found.append(
             dashboard_builders.QueryVariable(name)
@@ -139,9 +142,9 @@ class Annotation:
 ROLLBACKS = Annotation(
     name="Rollbacks",
     expr=(
-        "(max by (tier, reason) (serving_rollbacks_total)"
-        " unless max by (tier, reason) (serving_rollbacks_total offset 1m))"
-        " or (max by (tier, reason) (increase(serving_rollbacks_total[1m])) > 0)"
+        "(max by (tier, reason) (ray_serving_rollbacks_total)"
+        " unless max by (tier, reason) (ray_serving_rollbacks_total offset 1m))"
+        " or (max by (tier, reason) (increase(ray_serving_rollbacks_total[1m])) > 0)"
     ),
     title="{{tier}} rolled back: {{reason}}",
     color="red",
@@ -149,8 +152,8 @@ ROLLBACKS = Annotation(
 PROMOTIONS = Annotation(
     name="Promotions",
     expr=(
-        'max by (tier) (serving_rollout_phase{phase="promoted"}) == 1'
-        ' unless max by (tier) (serving_rollout_phase{phase="promoted"} offset 1m) == 1'
+        'max by (tier) (ray_serving_rollout_phase{phase="promoted"}) == 1'
+        ' unless max by (tier) (ray_serving_rollout_phase{phase="promoted"} offset 1m) == 1'
     ),
     title="{{tier}} promoted",
     color="green",

@@ -18,7 +18,7 @@ PHASE_CODES = {"idle": 0, "progressing": 1, "promoted": 2, "rolled_back": 3}
 
 def candidate_as(label: str) -> str:
     """Each tier's candidate, as a series labelled {tier, <label>} (from the live canary weight)."""
-    weights = f"max by (tier, candidate) (serving_canary_weight_percent{{{TIER}}})"
+    weights = f"max by (tier, candidate) (ray_serving_canary_weight_percent{{{TIER}}})"
     return f'label_replace({weights}, "{label}", "$1", "candidate", "(.+)")'
 
 
@@ -52,7 +52,7 @@ def above_floor(numerator: str, denominator: str, window: str) -> str:
     )
     floor = (
         f"({ratio(numerator, denominator, 'tier', NOISE_FLOOR, window)})"
-        f" or (0 * max by (tier) (serving_canary_weight_percent{{{TIER}}}))"
+        f" or (0 * max by (tier) (ray_serving_canary_weight_percent{{{TIER}}}))"
     )
     return f"({candidate}) - on (tier) group_left () ({floor})"
 
@@ -60,27 +60,27 @@ def above_floor(numerator: str, denominator: str, window: str) -> str:
 def override_rate(window: str) -> str:
     """Overturned answers over answered requests, by tier and variant: what the override check compares."""
     answered = f'{PRIMARY_ROLE}, outcome!="rejected", {TIER}'
-    overridden = f'sum by (tier, variant) (rate(serving_overrides_total{{kind="feedback", {TIER}}}[{window}]))'
-    return f"({overridden} / sum by (tier, variant) (rate(serving_requests_total{{{answered}}}[{window}])))"
+    overridden = f'sum by (tier, variant) (rate(ray_serving_overrides_total{{kind="feedback", {TIER}}}[{window}]))'
+    return f"({overridden} / sum by (tier, variant) (rate(ray_serving_requests_total{{{answered}}}[{window}])))"
 
 
 def build(rollback: RollbackConfig) -> list[dashboard_builders.Row | timeseries.Panel]:
     """The rows and panels, in order; the dashboard's grid follows it."""
     window = f"{round(rollback.window_s)}s"
     over = f"over the rollout's window ({window})"
-    disagreements = ("serving_shadow_disagreements_total", "serving_shadow_comparisons_total")
-    drifts = ("serving_score_drift_sum", "serving_score_drift_count")
+    disagreements = ("ray_serving_shadow_disagreements_total", "ray_serving_shadow_comparisons_total")
+    drifts = ("ray_serving_score_drift_sum", "ray_serving_score_drift_count")
     disagreement_pairs, disagreement_floor = per_pair(*disagreements, window)
     drift_pairs, drift_floor = per_pair(*drifts, window)
     agreement_pairs, agreement_floor = per_pair(
-        "serving_token_agreement_ratio_sum", "serving_token_agreement_ratio_count", window
+        "ray_serving_token_agreement_ratio_sum", "ray_serving_token_agreement_ratio_count", window
     )
     candidate = candidate_as("variant")
     samples = (
-        f"sum by (tier, primary, kind) (increase(serving_shadow_comparisons_total{{{TIER}, {PRIMARY}}}[{window}]))"
+        f"sum by (tier, primary, kind) (increase(ray_serving_shadow_comparisons_total{{{TIER}, {PRIMARY}}}[{window}]))"
     )
     phase = " + ".join(
-        f'{code} * max by (tier) (serving_rollout_phase{{phase="{name}", {TIER}}})'
+        f'{code} * max by (tier) (ray_serving_rollout_phase{{phase="{name}", {TIER}}})'
         for name, code in PHASE_CODES.items()
     )
     return [
@@ -166,7 +166,7 @@ def build(rollback: RollbackConfig) -> list[dashboard_builders.Row | timeseries.
                 Query(
                     # $variant narrows by the variant that answered
                     f"{override_rate(window)} and on (tier, variant) max by (tier, variant)"
-                    f" (serving_requests_total{{{VARIANT}}})",
+                    f" (ray_serving_requests_total{{{VARIANT}}})",
                     "{{variant}} / {{tier}}",
                 )
             ],
@@ -201,7 +201,11 @@ def build(rollback: RollbackConfig) -> list[dashboard_builders.Row | timeseries.
             "Canary weight by tier",
             "The live share of each tier's users sent to its candidate. Rollbacks and promotions are annotated.",
             "percent",
-            [Query(f"max by (tier, candidate) (serving_canary_weight_percent{{{TIER}}})", "{{tier}}: {{candidate}}")],
+            [
+                Query(
+                    f"max by (tier, candidate) (ray_serving_canary_weight_percent{{{TIER}}})", "{{tier}}: {{candidate}}"
+                )
+            ],
             width=8,
             minimum=0,
         ),
@@ -210,7 +214,7 @@ def build(rollback: RollbackConfig) -> list[dashboard_builders.Row | timeseries.
             "1 while the rollout controller holds every candidate at weight 0 because its state file could not be "
             "read (the ServingRolloutFailSafe alert pages on it). `serving rollout status` says why.",
             "bool",
-            [Query("max(serving_rollout_fail_safe)", "fail-safe")],
+            [Query("max(ray_serving_rollout_fail_safe)", "fail-safe")],
             width=8,
             minimum=0,
         ),

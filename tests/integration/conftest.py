@@ -1,5 +1,6 @@
-"""The real stack for the integration tests: `serving serve` (Ray Serve, the router, three vLLM CPU
-engines) on the freshly built demo family, started once per test session on test ports."""
+"""The real stack for the integration tests: `serving serve` (Ray Serve, two router replicas, three vLLM
+CPU engines) on the freshly built demo family, started once per test session on test ports. Two router
+replicas, because nothing in a replica may assume it is the only one (metrics, feedback, signals)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ from serving.config import hash_key
 
 REPO = Path(__file__).resolve().parents[2]
 PORT = 18_321
-METRICS_PORT = 18_322
+METRICS_PORT = 18_322  # the node's Ray metrics agent: every replica's metrics, the router's and the engines'
 BASE = f"http://127.0.0.1:{PORT}"
 METRICS_URL = f"http://127.0.0.1:{METRICS_PORT}/metrics"
+ROUTER_REPLICAS = 2
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,8 @@ def write_config(
     rollback: bool = False,
 ) -> None:
     """The demo config (deploy/demo.yaml) pointed at the test's family, ports and state file, with the
-    given weights, shadow rate and rollback switch, plus one premium key that may override. Automatic
+    given weights, shadow rate and rollback switch, plus one premium key that may override, and
+    ROUTER_REPLICAS router replicas. Automatic
     rollback is off unless a test turns it on: the other tests need the awq candidate to keep serving."""
     text = (REPO / "deploy" / "tiny.yaml").read_text()
     text = text.replace("../models/tiny", str(family)).replace("port: 8000", f"port: {PORT}")
@@ -54,6 +57,7 @@ def write_config(
     text = text.replace("rollback:\n", f"rollback:\n  enabled: {str(rollback).lower()}\n", 1)
     premium_admin = f"  - {{sha256: {hash_key('test-premium-admin')}, tenant: t, tier: premium, may_override: true}}\n"
     text = text.replace("\nlimits:", f"\n{premium_admin}\nlimits:", 1)
+    text += f"router: {{replicas: {ROUTER_REPLICAS}}}\n"
     path.write_text(text)
 
 

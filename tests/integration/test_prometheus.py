@@ -1,5 +1,6 @@
-"""A real Prometheus server (Debian's package) scrapes the running stack; every metric of the
-metrics contract must be there, with data."""
+"""A real Prometheus server (Debian's package) scrapes the running stack through Ray's metrics agent on
+this node (the stack's observability.metrics_port): every metric of the metrics contract must be there,
+with data, and a request is counted once whichever router replica served it."""
 
 from __future__ import annotations
 
@@ -13,26 +14,26 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import BASE, METRICS_PORT, Stack, apply_config, wait_for_http
+from tests.integration.conftest import BASE, METRICS_PORT, ROUTER_REPLICAS, Stack, apply_config, wait_for_http
 
 pytestmark = pytest.mark.integration
 
 PROMETHEUS_PORT = 18_390
 CONTRACT = [
-    "serving_request_duration_seconds_bucket",
-    "serving_time_to_first_token_seconds_bucket",
-    "serving_time_per_output_token_seconds_bucket",
-    "serving_requests_total",
-    "serving_tokens_total",
-    "serving_shadow_comparisons_total",
-    "serving_shadow_disagreements_total",
-    "serving_token_agreement_ratio_bucket",
-    "serving_score_drift_bucket",
-    "serving_overrides_total",
-    "serving_feedback_total",
-    "serving_shadow_dropped_total",
-    "serving_canary_weight_percent",
-    "serving_rollout_fail_safe",
+    "ray_serving_request_duration_seconds_bucket",
+    "ray_serving_time_to_first_token_seconds_bucket",
+    "ray_serving_time_per_output_token_seconds_bucket",
+    "ray_serving_requests_total",
+    "ray_serving_tokens_total",
+    "ray_serving_shadow_comparisons_total",
+    "ray_serving_shadow_disagreements_total",
+    "ray_serving_token_agreement_ratio_bucket",
+    "ray_serving_score_drift_bucket",
+    "ray_serving_overrides_total",
+    "ray_serving_feedback_total",
+    "ray_serving_shadow_dropped_total",
+    "ray_serving_canary_weight_percent",
+    "ray_serving_rollout_fail_safe",
 ]
 
 
@@ -111,7 +112,37 @@ def test_prometheus_scrapes_every_metric_of_the_contract(stack: Stack, prometheu
         missing = [name for name in CONTRACT if not query(prometheus, name)]
     assert missing == [], f"not scraped: {missing}"
     assert query(prometheus, 'up{job="serving"} == 1')
-    kinds = {r["metric"]["kind"] for r in query(prometheus, "serving_overrides_total")}  # type: ignore[index]
+    kinds = {r["metric"]["kind"] for r in query(prometheus, "ray_serving_overrides_total")}  # type: ignore[index]
     assert kinds >= {"routing", "feedback"}
     # The documented reading of a ratio works on the real data: disagreement rate over the comparisons.
-    assert query(prometheus, "sum(serving_shadow_disagreements_total) / sum(serving_shadow_comparisons_total)")
+    assert query(prometheus, "sum(ray_serving_shadow_disagreements_total) / sum(ray_serving_shadow_comparisons_total)")
+
+
+def per_replica(url: str, promql: str) -> dict[str, float]:
+    return {r["metric"]["replica"]: float(r["value"][1]) for r in query(url, promql)}  # type: ignore[index]
+
+
+def test_every_request_is_counted_once_whichever_router_replica_served_it(stack: Stack, prometheus: str) -> None:
+    served = 'sum by (replica) (ray_serving_requests_total{tier="premium", role="primary", deployment="Router"})'
+    time.sleep(3)  # what earlier tests sent is exported (1 s) and scraped (1 s) before counting starts
+    before = per_replica(prometheus, served)
+    sent = 40
+    premium = openai.OpenAI(base_url=f"{BASE}/v1", api_key="demo-premium", max_retries=0, timeout=120)
+    for i in range(sent):
+        premium.chat.completions.create(
+            model="demo-chat", messages=[{"role": "user", "content": f"count {i}"}], max_tokens=1, user=f"c{i}"
+        )
+
+    def counted() -> dict[str, float]:
+        after = per_replica(prometheus, served)
+        return {replica: after[replica] - before.get(replica, 0.0) for replica in after}
+
+    deadline = time.monotonic() + 30
+    while sum(counted().values()) < sent and time.monotonic() < deadline:
+        time.sleep(1)
+    time.sleep(3)  # nothing more arrives: no request is counted twice
+    by_replica = counted()
+    assert sum(by_replica.values()) == sent, by_replica
+    # Ray Serve spread the requests over the replicas (all 40 on one: about 1 in 2**39), and each one's
+    # metrics reached Prometheus through the one metrics address.
+    assert len([n for n in by_replica.values() if n > 0]) == ROUTER_REPLICAS, by_replica

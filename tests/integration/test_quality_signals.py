@@ -1,4 +1,4 @@
-"""Shadowing and the quality signals on the real stack, read from the metrics endpoint."""
+"""Shadowing and the quality signals on the real stack, read from Ray's metrics agent."""
 
 from __future__ import annotations
 
@@ -11,12 +11,16 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from serving.launch import METRICS_REPORT_INTERVAL_MS
 from tests.integration.conftest import BASE, METRICS_URL, Stack, apply_config
 
 pytestmark = pytest.mark.integration
 
 
 def scrape() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample on this node's Ray metrics agent (both router replicas), once the last requests are in it:
+    replicas hand their samples to the agent every METRICS_REPORT_INTERVAL_MS."""
+    time.sleep(2 * METRICS_REPORT_INTERVAL_MS / 1000)
     samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
     for family in text_string_to_metric_families(httpx.get(METRICS_URL, timeout=10).text):
         for sample in family.samples:
@@ -33,7 +37,9 @@ def wait_for_shadows(expected_comparisons: float, timeout_s: float = 120) -> Non
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         samples = scrape()
-        done = total(samples, "serving_shadow_comparisons_total") + total(samples, "serving_shadow_dropped_total")
+        done = total(samples, "ray_serving_shadow_comparisons_total") + total(
+            samples, "ray_serving_shadow_dropped_total"
+        )
         if done >= expected_comparisons:
             return
         time.sleep(1)
@@ -62,10 +68,10 @@ def test_shadowing_does_not_delay_the_primary_answer(stack: Stack) -> None:
     assert apply_config(stack, shadow_rate=0.0).returncode == 0
     without = latencies("off")
     assert apply_config(stack, shadow_rate=1.0).returncode == 0
-    before = total(scrape(), "serving_shadow_comparisons_total")
+    before = total(scrape(), "ray_serving_shadow_comparisons_total")
     with_shadow = latencies("on")
     wait_for_shadows(before + 20)
-    compared = total(scrape(), "serving_shadow_comparisons_total") - before
+    compared = total(scrape(), "ray_serving_shadow_comparisons_total") - before
     off, on = statistics.median(without), statistics.median(with_shadow)
     print(
         f"median primary latency: shadow rate 0.0 -> {off * 1000:.1f} ms, 1.0 -> {on * 1000:.1f} ms "
@@ -92,7 +98,7 @@ def test_awq_drifts_and_disagrees_more_than_int8(stack: Stack) -> None:
         )
         served[raw.headers["x-served-variant"]] += 1
         time.sleep(0.3)
-    wait_for_shadows(total(before, "serving_shadow_comparisons_total") + 40)
+    wait_for_shadows(total(before, "ray_serving_shadow_comparisons_total") + 40)
     after = scrape()
 
     def signal(primary: str, name: str) -> float:
@@ -101,14 +107,15 @@ def test_awq_drifts_and_disagrees_more_than_int8(stack: Stack) -> None:
 
     found = {}
     for primary in ("int8", "awq"):
-        pairs = signal(primary, "serving_shadow_comparisons_total")
+        pairs = signal(primary, "ray_serving_shadow_comparisons_total")
         assert pairs >= 5, f"too few {primary} pairs: {pairs} (served {dict(served)})"
         found[primary] = {
             "pairs": pairs,
-            "disagreement_rate": signal(primary, "serving_shadow_disagreements_total") / pairs,
-            "token_agreement": signal(primary, "serving_token_agreement_ratio_sum")
-            / signal(primary, "serving_token_agreement_ratio_count"),
-            "score_drift": signal(primary, "serving_score_drift_sum") / signal(primary, "serving_score_drift_count"),
+            "disagreement_rate": signal(primary, "ray_serving_shadow_disagreements_total") / pairs,
+            "token_agreement": signal(primary, "ray_serving_token_agreement_ratio_sum")
+            / signal(primary, "ray_serving_token_agreement_ratio_count"),
+            "score_drift": signal(primary, "ray_serving_score_drift_sum")
+            / signal(primary, "ray_serving_score_drift_count"),
         }
     print(f"against fp16: {found}")
     assert found["awq"]["score_drift"] > 1.5 * found["int8"]["score_drift"]
@@ -123,21 +130,21 @@ def test_feedback_moves_the_override_counter_of_the_variant_that_answered(stack:
     )
     variant, response_id = raw.headers["x-served-variant"], raw.parse().id
     labels = {"variant": variant, "tier": "batch", "kind": "feedback"}
-    before = total(scrape(), "serving_overrides_total", **labels)
+    before = total(scrape(), "ray_serving_overrides_total", **labels)
     answer = httpx.post(
         f"{BASE}/v1/feedback",
         json={"response_id": response_id, "overridden": True, "label": "no"},
         headers={"authorization": "Bearer demo-batch"},
     )
     assert answer.status_code == 200, answer.text
-    assert total(scrape(), "serving_overrides_total", **labels) == before + 1
+    assert total(scrape(), "ray_serving_overrides_total", **labels) == before + 1
     again = httpx.post(
         f"{BASE}/v1/feedback",
         json={"response_id": response_id, "overridden": True},
         headers={"authorization": "Bearer demo-batch"},
     )
     assert (again.status_code, again.json()["error"]["code"]) == (409, "duplicate")
-    assert total(scrape(), "serving_overrides_total", **labels) == before + 1  # one vote per answer
+    assert total(scrape(), "ray_serving_overrides_total", **labels) == before + 1  # one vote per answer
     other_tenant = httpx.post(
         f"{BASE}/v1/feedback",
         json={"response_id": response_id, "overridden": True},

@@ -12,7 +12,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from serving import hardware
-from tests.integration.conftest import BASE, Stack, apply_config, served_variants
+from tests.integration.conftest import BASE, METRICS_PORT, Stack, apply_config, served_variants
 from tests.unit.test_hostile import hostile_bodies
 
 pytestmark = pytest.mark.integration
@@ -114,6 +114,8 @@ def test_the_console_shows_progress_per_engine_and_no_library_logs(stack: Stack)
         assert re.search(rf"\] engine {name} +ready: {precision}, (float16|bfloat16) activations", console), console
     assert "ready: serving 'demo-chat' at http://127.0.0.1:" in console
     assert "logs of Ray, the router and every engine: /" in console
+    # One metrics address for every replica: this node's Ray metrics agent, on the configured port.
+    assert f"metrics    http://127.0.0.1:{METRICS_PORT}/metrics (this node's Ray metrics agent)" in console
     for noise in ('{"asctime"', "Deployment Options", "Triton", "INFO", "Traceback"):
         assert noise not in console, f"{noise!r} on the console:\n{console}"
 

@@ -12,6 +12,7 @@ import pytest
 from serving import attribution
 from serving.config import load_config
 from serving.errors import BadRequest, NotFound
+from serving.metrics import sample as metric_sample
 from serving.rollout.controller import Rollout
 from serving.rollout.signals import FeedbackSignal, RequestSignal, Signal
 from serving.router import RouterCore, create_app
@@ -79,8 +80,8 @@ async def test_feedback_posted_to_another_replica_counts_for_the_variant_that_an
             )
             assert (vote.status_code, vote.json()["variant"]) == (200, variant)
     counted = {
-        v: two.metrics.registry.get_sample_value(
-            "serving_overrides_total", {"variant": v, "tier": "batch", "kind": "feedback"}
+        v: metric_sample(
+            two.metrics, "ray_serving_overrides_total", {"variant": v, "tier": "batch", "kind": "feedback"}
         )
         for v in ("int8", "awq")
     }

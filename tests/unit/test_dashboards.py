@@ -13,12 +13,11 @@ from typing import Any
 import pytest
 import ray
 import yaml
-from prometheus_client import CollectorRegistry
 
 from serving.config import RollbackConfig
 from serving.dashboards import build
 from serving.dashboards.panels import WARNING_SHARE, expand
-from serving.metrics import Metrics
+from serving.metrics import InMemory, Metrics
 
 RAY_LLM_PANELS = Path(ray.__file__).parent / "dashboard/modules/metrics/dashboards/serve_llm_dashboard_panels.py"
 SAMPLE_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
@@ -42,7 +41,9 @@ def expressions(data: dict[str, object]) -> list[str]:
 def contract_names() -> set[str]:
     """Every sample name serving/metrics.py can export."""
     names = set()
-    for family in Metrics(CollectorRegistry()).registry.collect():
+    exported = InMemory()  # the names as Prometheus scrapes them from Ray's metrics agent
+    Metrics(exported)
+    for family in exported.registry.collect():
         names |= {family.name + suffix for suffix in SAMPLE_SUFFIXES[family.type]}
     return names
 
@@ -116,7 +117,11 @@ def test_every_query_reads_only_metrics_that_exist() -> None:
             assert names, expr
             assert names <= known, f"{name}: {sorted(names - known)} are neither in serving/metrics.py nor Ray's"
             used |= names
-    assert {"serving_score_drift_sum", "serving_shadow_disagreements_total", "ray_vllm_kv_cache_usage_perc"} <= used
+    assert {
+        "ray_serving_score_drift_sum",
+        "ray_serving_shadow_disagreements_total",
+        "ray_vllm_kv_cache_usage_perc",
+    } <= used
 
 
 def test_the_name_check_can_fail() -> None:
@@ -142,7 +147,7 @@ def test_every_query_parses_in_promtool(tmp_path: Path) -> None:
 
 
 def test_promtool_refuses_a_broken_query(tmp_path: Path) -> None:
-    done = promtool_check(["sum by (tier (rate(serving_requests_total[5m]))"], tmp_path)
+    done = promtool_check(["sum by (tier (rate(ray_serving_requests_total[5m]))"], tmp_path)
     assert done.returncode != 0
 
 
@@ -176,6 +181,6 @@ def test_rollbacks_and_promotions_are_annotations() -> None:
         annotations = data["annotations"]
         assert isinstance(annotations, dict)
         by_name = {a["name"]: a for a in annotations["list"]}
-        assert "serving_rollbacks_total" in by_name["Rollbacks"]["expr"]
+        assert "ray_serving_rollbacks_total" in by_name["Rollbacks"]["expr"]
         assert "{{reason}}" in by_name["Rollbacks"]["titleFormat"]
         assert 'phase="promoted"' in by_name["Promotions"]["expr"]

@@ -15,6 +15,7 @@ from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionReq
 
 from serving import attribution, routing
 from serving.config import load_config
+from serving.metrics import sample as metric_sample
 from serving.rollout.signals import FeedbackSignal, RequestSignal
 from serving.router import RateLimit, RouterCore, create_app
 from serving.variants import FakeVariant
@@ -178,7 +179,7 @@ async def test_repeated_feedback_on_one_response_counts_once(client: httpx.Async
         again = await client.post("/v1/feedback", json=vote, headers=PREMIUM)
         assert (again.status_code, again.json()["error"]["code"]) == (409, "duplicate")
     labels = {"variant": "fp16", "tier": "premium", "kind": "feedback"}
-    assert core.metrics.registry.get_sample_value("serving_overrides_total", labels) == 1
+    assert metric_sample(core.metrics, "ray_serving_overrides_total", labels) == 1
     assert [s for s in core.signals if isinstance(s, FeedbackSignal)] == [
         FeedbackSignal("premium", "fp16", True, response_id)
     ]
@@ -229,8 +230,8 @@ async def test_a_stream_cut_by_an_engine_failure_ends_with_an_error_event_and_is
     assert (error["code"], error["type"]) == ("stream_interrupted", "service_unavailable")
     assert "replica died" not in answer.text
     labels = {"variant": "fp16", "tier": "premium", "role": "primary", "outcome": "error"}
-    assert core.metrics.registry.get_sample_value("serving_requests_total", labels) == 1
-    assert core.metrics.registry.get_sample_value("serving_requests_total", {**labels, "outcome": "ok"}) is None
+    assert metric_sample(core.metrics, "ray_serving_requests_total", labels) == 1
+    assert metric_sample(core.metrics, "ray_serving_requests_total", {**labels, "outcome": "ok"}) is None
     (signal,) = [s for s in core.signals if isinstance(s, RequestSignal)]
     assert signal.ok is False  # the error-rate check sees it
 
@@ -247,7 +248,7 @@ async def test_an_engine_error_event_in_a_stream_is_counted_as_an_error(
     answer = await client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=PREMIUM)
     assert "engine failed" in answer.text
     labels = {"variant": "fp16", "tier": "premium", "role": "primary", "outcome": "error"}
-    assert core.metrics.registry.get_sample_value("serving_requests_total", labels) == 1
+    assert metric_sample(core.metrics, "ray_serving_requests_total", labels) == 1
 
 
 async def test_engine_requests_run_under_ids_the_server_chose(client: httpx.AsyncClient, core: RouterCore) -> None:

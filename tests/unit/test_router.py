@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from serving.config import load_config
+from serving.metrics import sample as metric_sample
 from serving.router import RouterCore, create_app
 from serving.variants import FakeVariant
 
@@ -69,8 +70,8 @@ async def test_override_needs_permission_and_is_counted(client: httpx.AsyncClien
     pinned = await client.post("/v1/chat/completions", json=CHAT, headers=key("demo-admin", **{"x-variant": "awq"}))
     assert pinned.status_code == 200
     assert pinned.headers["x-served-variant"] == "awq"
-    overrides = core.metrics.registry.get_sample_value(
-        "serving_overrides_total", {"variant": "awq", "tier": "standard", "kind": "routing"}
+    overrides = metric_sample(
+        core.metrics, "ray_serving_overrides_total", {"variant": "awq", "tier": "standard", "kind": "routing"}
     )
     assert overrides == 1
 
@@ -179,11 +180,10 @@ async def test_the_router_follows_the_controller_weights_and_mirrors_rollbacks(
     assert served == {"int8"}  # the config says 50 % awq; the controller's live weight 0 wins
     core.follow_rollout({"batch": 0.0}, {"batch": "rolled_back"}, {"batch": {"score_drift": 1}})
     core.follow_rollout({"batch": 0.0}, {"batch": "rolled_back"}, {"batch": {"score_drift": 1}})
-    registry = core.metrics.registry
-    assert registry.get_sample_value("serving_rollbacks_total", {"tier": "batch", "reason": "score_drift"}) == 1
-    assert registry.get_sample_value("serving_rollout_phase", {"tier": "batch", "phase": "rolled_back"}) == 1
-    assert registry.get_sample_value("serving_rollout_phase", {"tier": "batch", "phase": "progressing"}) == 0
-    assert registry.get_sample_value("serving_canary_weight_percent", {"tier": "batch", "candidate": "awq"}) == 0
+    assert metric_sample(core.metrics, "ray_serving_rollbacks_total", {"tier": "batch", "reason": "score_drift"}) == 1
+    assert metric_sample(core.metrics, "ray_serving_rollout_phase", {"tier": "batch", "phase": "rolled_back"}) == 1
+    assert metric_sample(core.metrics, "ray_serving_rollout_phase", {"tier": "batch", "phase": "progressing"}) == 0
+    assert metric_sample(core.metrics, "ray_serving_canary_weight_percent", {"tier": "batch", "candidate": "awq"}) == 0
 
 
 async def test_admin_rollout_needs_an_admin_key(client: httpx.AsyncClient, core: RouterCore) -> None:

@@ -120,12 +120,16 @@ def test_replicas_placement_and_sources_reach_the_deployments(tmp_path: Path) ->
 
 
 def test_serve_starts_ray_here_or_joins_a_cluster_given_its_address(monkeypatch: pytest.MonkeyPatch) -> None:
-    local = launch.ray_init_options(None)
+    local = launch.ray_init_options(None, 8080)
     assert local["num_cpus"] == launch.RAY_LOGICAL_CPUS
     assert "address" not in local
-    joined = launch.ray_init_options("ray://head:10001")
+    # Every replica's metrics at one known port, exported soon enough for the demo and the tests to see.
+    assert local["_metrics_export_port"] == 8080
+    assert local["_system_config"] == {"metrics_report_interval_ms": launch.METRICS_REPORT_INTERVAL_MS}
+    joined = launch.ray_init_options("ray://head:10001", 8080)
     assert joined["address"] == "ray://head:10001"
     assert "num_cpus" not in joined  # a cluster keeps the resources its operator gave it
+    assert "_metrics_export_port" not in joined  # and its metrics settings
     assert joined["namespace"] == local["namespace"]  # the rollout controller is found by name in it
 
     called: list[tuple[Path, str | None]] = []

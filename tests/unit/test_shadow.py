@@ -12,6 +12,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from serving.config import load_config
 from serving.load import EngineLoad
+from serving.metrics import sample as metric_sample
 from serving.router import RouterCore, create_app
 from serving.tracing import make_tracer
 from serving.variants import FakeVariant
@@ -53,7 +54,7 @@ def client_for(core: RouterCore) -> httpx.AsyncClient:
 
 
 def sample(core: RouterCore, name: str, **labels: str) -> float:
-    return core.metrics.registry.get_sample_value(name, labels) or 0.0
+    return metric_sample(core.metrics, name, labels) or 0.0
 
 
 async def settle(core: RouterCore) -> None:
@@ -74,17 +75,17 @@ async def test_shadowed_pairs_are_compared_and_counted(stream: bool) -> None:
             assert answer.status_code == 200
     await settle(core)
     total = sum(
-        sample(core, "serving_shadow_comparisons_total", tier="batch", primary=p, shadow="fp16", kind="candidate")
+        sample(core, "ray_serving_shadow_comparisons_total", tier="batch", primary=p, shadow="fp16", kind="candidate")
         for p in ("int8", "awq")
     )
     assert total == 6
     disagreements = sum(
-        sample(core, "serving_shadow_disagreements_total", tier="batch", primary=p, shadow="fp16", kind="candidate")
+        sample(core, "ray_serving_shadow_disagreements_total", tier="batch", primary=p, shadow="fp16", kind="candidate")
         for p in ("int8", "awq")
     )
     assert disagreements == 6  # "answer from int8/awq" never equals "answer from fp16"
     drift = sum(
-        sample(core, "serving_score_drift_sum", tier="batch", primary=p, shadow="fp16", kind="candidate")
+        sample(core, "ray_serving_score_drift_sum", tier="batch", primary=p, shadow="fp16", kind="candidate")
         for p in ("int8", "awq")
     )
     assert drift > 0
@@ -99,16 +100,18 @@ async def test_noise_floor_pairs_a_variant_with_itself_and_agrees() -> None:
             )
     await settle(core)
     pairs = {
-        p: sample(core, "serving_shadow_comparisons_total", tier="batch", primary=p, shadow=p, kind="noise_floor")
+        p: sample(core, "ray_serving_shadow_comparisons_total", tier="batch", primary=p, shadow=p, kind="noise_floor")
         for p in ("int8", "awq")
     }
     assert sum(pairs.values()) == 4
     for p in ("int8", "awq"):
         assert (
-            sample(core, "serving_shadow_disagreements_total", tier="batch", primary=p, shadow=p, kind="noise_floor")
+            sample(
+                core, "ray_serving_shadow_disagreements_total", tier="batch", primary=p, shadow=p, kind="noise_floor"
+            )
             == 0
         )
-        assert sample(core, "serving_score_drift_sum", tier="batch", primary=p, shadow=p, kind="noise_floor") == 0
+        assert sample(core, "ray_serving_score_drift_sum", tier="batch", primary=p, shadow=p, kind="noise_floor") == 0
 
 
 async def test_the_answer_does_not_wait_for_the_shadow_and_overflow_is_dropped() -> None:
@@ -123,11 +126,13 @@ async def test_the_answer_does_not_wait_for_the_shadow_and_overflow_is_dropped()
             assert answer.headers["x-served-variant"] in {"int8", "awq"}
         elapsed = asyncio.get_running_loop().time() - started
     assert elapsed < 0.5  # five answers before a single shadow call could have finished
-    assert sample(core, "serving_shadow_dropped_total", tier="batch", reason="saturated") == 3
+    assert sample(core, "ray_serving_shadow_dropped_total", tier="batch", reason="saturated") == 3
     await settle(core)
     assert (
         sum(
-            sample(core, "serving_shadow_comparisons_total", tier="batch", primary=p, shadow="fp16", kind="candidate")
+            sample(
+                core, "ray_serving_shadow_comparisons_total", tier="batch", primary=p, shadow="fp16", kind="candidate"
+            )
             for p in ("int8", "awq")
         )
         == 2
@@ -160,8 +165,8 @@ async def test_feedback_counts_overrides_for_the_variant_that_answered() -> None
         assert bad.status_code == 400
         anonymous = await client.post("/v1/feedback", json={"response_id": response_id, "overridden": True})
         assert anonymous.status_code == 401
-    assert sample(core, "serving_overrides_total", variant="fp16", tier="premium", kind="feedback") == 1
-    assert sample(core, "serving_feedback_total", variant="fp16", tier="premium") == 1
+    assert sample(core, "ray_serving_overrides_total", variant="fp16", tier="premium", kind="feedback") == 1
+    assert sample(core, "ray_serving_feedback_total", variant="fp16", tier="premium") == 1
 
 
 async def test_requests_latency_tokens_and_weights_are_recorded() -> None:
@@ -169,13 +174,13 @@ async def test_requests_latency_tokens_and_weights_are_recorded() -> None:
     async with client_for(core) as client:
         await client.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer demo-premium"})
     labels = {"variant": "fp16", "tier": "premium", "role": "primary"}
-    assert sample(core, "serving_requests_total", **labels, outcome="ok") == 1
-    assert sample(core, "serving_request_duration_seconds_count", **labels) == 1
+    assert sample(core, "ray_serving_requests_total", **labels, outcome="ok") == 1
+    assert sample(core, "ray_serving_request_duration_seconds_count", **labels) == 1
     # A whole answer has no observable first token, nor a decode time apart from the prompt's.
-    assert sample(core, "serving_time_to_first_token_seconds_count", **labels) == 0
-    assert sample(core, "serving_time_per_output_token_seconds_count", **labels) == 0
-    assert sample(core, "serving_tokens_total", variant="fp16", tier="premium", direction="out") == 3
-    assert sample(core, "serving_canary_weight_percent", tier="batch", candidate="awq") == 50.0
+    assert sample(core, "ray_serving_time_to_first_token_seconds_count", **labels) == 0
+    assert sample(core, "ray_serving_time_per_output_token_seconds_count", **labels) == 0
+    assert sample(core, "ray_serving_tokens_total", variant="fp16", tier="premium", direction="out") == 3
+    assert sample(core, "ray_serving_canary_weight_percent", tier="batch", candidate="awq") == 50.0
 
 
 @pytest.mark.parametrize("client_asks_usage", [False, True])
@@ -192,10 +197,10 @@ async def test_streamed_time_per_output_token_counts_tokens_not_chunks(client_as
     assert len(usage_events) == (1 if client_asks_usage else 0)  # the router's own ask is not passed on
     assert fp16.requests[-1].stream_options.include_usage  # the engine was asked for token counts
     labels = {"variant": "fp16", "tier": "premium", "role": "primary"}
-    assert sample(core, "serving_time_to_first_token_seconds_count", **labels) == 1
-    assert sample(core, "serving_time_per_output_token_seconds_count", **labels) == 1
-    assert 0.1 <= sample(core, "serving_time_per_output_token_seconds_sum", **labels) < 0.2
-    assert sample(core, "serving_tokens_total", variant="fp16", tier="premium", direction="out") == 3
+    assert sample(core, "ray_serving_time_to_first_token_seconds_count", **labels) == 1
+    assert sample(core, "ray_serving_time_per_output_token_seconds_count", **labels) == 1
+    assert 0.1 <= sample(core, "ray_serving_time_per_output_token_seconds_sum", **labels) < 0.2
+    assert sample(core, "ray_serving_tokens_total", variant="fp16", tier="premium", direction="out") == 3
 
 
 async def test_each_request_is_a_trace_with_routing_call_and_shadow_spans() -> None:
@@ -223,10 +228,12 @@ async def test_completions_are_shadowed_too() -> None:
                 await client.post("/v1/completions", json=body, headers={"authorization": "Bearer demo-batch"})
             ).status_code == 200
     await settle(core)
-    assert sample(core, "serving_shadow_dropped_total", tier="batch", reason="failed") == 0
+    assert sample(core, "ray_serving_shadow_dropped_total", tier="batch", reason="failed") == 0
     assert (
         sum(
-            sample(core, "serving_shadow_comparisons_total", tier="batch", primary=p, shadow="fp16", kind="candidate")
+            sample(
+                core, "ray_serving_shadow_comparisons_total", tier="batch", primary=p, shadow="fp16", kind="candidate"
+            )
             for p in ("int8", "awq")
         )
         == 3
@@ -257,7 +264,7 @@ async def test_shadows_are_shed_while_the_engines_are_busy_with_primaries() -> N
             "/v1/chat/completions", json={**CHAT, "user": "b0"}, headers={"authorization": "Bearer demo-batch"}
         )
         assert busy.status_code == 200
-        assert sample(core, "serving_shadow_dropped_total", tier="batch", reason="busy") == 1
+        assert sample(core, "ray_serving_shadow_dropped_total", tier="batch", reason="busy") == 1
         for answer in await asyncio.gather(*premium):
             assert answer.status_code == 200
         assert core.loads["fp16"].now() == 0
@@ -267,9 +274,9 @@ async def test_shadows_are_shed_while_the_engines_are_busy_with_primaries() -> N
         )
         assert idle.status_code == 200
     await settle(core)
-    assert sample(core, "serving_shadow_dropped_total", tier="batch", reason="busy") == 1
+    assert sample(core, "ray_serving_shadow_dropped_total", tier="batch", reason="busy") == 1
     compared = sum(
-        sample(core, "serving_shadow_comparisons_total", tier="batch", primary=p, shadow="fp16", kind="candidate")
+        sample(core, "ray_serving_shadow_comparisons_total", tier="batch", primary=p, shadow="fp16", kind="candidate")
         for p in ("int8", "awq")
     )
     assert compared == 1
