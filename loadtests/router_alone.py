@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from fastapi import FastAPI, Request  # at module level: the ingress's annotations are resolved here
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import profiling
@@ -44,8 +46,6 @@ MARKERS = ("<!-- router-alone -->", "<!-- /router-alone -->")
 
 def deploy(config_path: Path) -> None:
     import ray
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from ray import serve
 
     from serving.app import Router

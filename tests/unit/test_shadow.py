@@ -344,9 +344,9 @@ async def test_a_running_comparison_is_cancelled_when_primaries_make_its_engine_
         answers = await asyncio.gather(*premium)
     assert [a.status_code for a in answers] == [200, 200, 200]
     assert comparison.cancelled()
-    assert sample(core, "serving_shadow_dropped_total", tier="batch", reason="preempted") == 1
+    assert sample(core, "ray_serving_shadow_dropped_total", tier="batch", reason="preempted") == 1
     compared = sum(
-        sample(core, "serving_shadow_comparisons_total", tier="batch", primary=p, shadow="fp16", kind="candidate")
+        sample(core, "ray_serving_shadow_comparisons_total", tier="batch", primary=p, shadow="fp16", kind="candidate")
         for p in ("int8", "awq")
     )
     assert compared == 0
