@@ -8,6 +8,7 @@ stays in Ray's session log folder, whose path is printed once.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import io
@@ -208,10 +209,28 @@ def deployment_states(app_name: str) -> tuple[str, dict[str, tuple[str, str]]]:
 def engine_facts(app_name: str, deployment: str) -> dict[str, Any]:
     from ray import serve as ray_serve
 
-    # A blocking call: this process imported Ray Serve before FAST_PATH_ENV was set, so its handles keep a
-    # router on a loop of their own (see set_fast_path_env).
-    facts: dict[str, Any] = ray_serve.get_deployment_handle(deployment, app_name).describe.remote().result(timeout_s=30)
-    return facts
+    async def ask() -> dict[str, Any]:
+        facts: dict[str, Any] = await ray_serve.get_deployment_handle(deployment, app_name).describe.remote()
+        return facts
+
+    return asyncio.run_coroutine_threadsafe(ask(), handle_loop()).result(timeout=30)
+
+
+_handle_loop: asyncio.AbstractEventLoop | None = None
+
+
+def handle_loop() -> asyncio.AbstractEventLoop:
+    """An event loop that runs for the life of this process, for the few Serve handle calls it makes.
+
+    Serve handles refuse blocking calls from outside an event loop where its router runs on its caller's
+    loop (RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0, e.g. an operator's RAY_SERVE_THROUGHPUT_OPTIMIZED=1),
+    and a handle first used in a loop that then closes (asyncio.run) keeps a dead long-poll client. A loop
+    of its own that never closes suits both settings."""
+    global _handle_loop
+    if _handle_loop is None:
+        _handle_loop = asyncio.new_event_loop()
+        threading.Thread(target=_handle_loop.run_forever, name="serve-handles", daemon=True).start()
+    return _handle_loop
 
 
 def watch(

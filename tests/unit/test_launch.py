@@ -48,10 +48,11 @@ def test_ray_processes_get_serve_fast_path_settings_unless_the_operator_set_thei
 ) -> None:
     from serving.launch import FAST_PATH_ENV, set_fast_path_env
 
-    for name in FAST_PATH_ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("RAY_SERVE_USE_GRPC_BY_DEFAULT", "0")
+    # A copy of the environment: what the function sets must not reach later tests' subprocesses.
+    environ = {k: v for k, v in os.environ.items() if k not in FAST_PATH_ENV}
+    environ["RAY_SERVE_USE_GRPC_BY_DEFAULT"] = "0"
+    monkeypatch.setattr(os, "environ", environ)
     set_fast_path_env()
-    assert os.environ["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
-    assert os.environ["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] == "0"
-    assert os.environ["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "0"  # the operator's
+    assert environ["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+    assert environ["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] == "0"
+    assert environ["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "0"  # the operator's
