@@ -274,3 +274,26 @@ class Metrics:
             "Live canary weight of the tier's candidate",
             ("tier", "candidate"),
         )
+
+
+class ActorExport(RayExport):
+    """Metrics of a plain Ray actor (the rollout controller): `ray.util.metrics`, exported by the node's
+    metrics agent like Serve's, without the replica tags that only a Serve replica has."""
+
+    def gauge(self, name: str, description: str, labels: Sequence[str] = ()) -> GaugeFamily:
+        from ray.util import metrics
+
+        return _RayFamily(metrics.Gauge(name, description, tag_keys=tuple(labels)), labels)
+
+
+class ControllerMetrics:
+    """The rollout controller's own metrics, emitted once by the controller (not by every router replica)."""
+
+    def __init__(self, backend: Backend | None = None) -> None:
+        backend = backend or InMemory()
+        # time() - max(ray_serving_rollout_last_evaluation_timestamp_seconds) > 3 * interval_s + export delay
+        self.last_evaluation = backend.gauge(
+            "serving_rollout_last_evaluation_timestamp_seconds",
+            "Unix time of the rollout controller's last judgement of the candidates (with rollback off: of its "
+            "last pass, which had nothing to judge)",
+        )

@@ -22,6 +22,7 @@ from typing import Any
 import ray
 
 from serving.config import Config, TierConfig
+from serving.metrics import ActorExport, ControllerMetrics
 from serving.rollout import checks, signals, store
 from serving.rollout.phases import Event, Phase, next_phase
 from serving.rollout.signals import ComparisonSignal, FeedbackSignal, RequestSignal, Signal
@@ -294,6 +295,7 @@ class RolloutController:
         if restarted:
             logger.warning("rollout controller restarted; config version %d restored", self.rollout.version)
         self.loop_started = False
+        self.metrics = ControllerMetrics(ActorExport())
 
     async def ensure_loop(self) -> None:
         if not self.loop_started:
@@ -302,11 +304,12 @@ class RolloutController:
 
     async def judge_forever(self) -> None:
         while True:
-            if self.rollout.config.rollback.enabled:
-                try:
+            try:
+                if self.rollout.config.rollback.enabled:
                     self.rollout.evaluate()
-                except Exception:
-                    logger.exception("rollout evaluation failed")
+                self.metrics.last_evaluation.set(time.time())  # what the controller-not-judging alert reads
+            except Exception:
+                logger.exception("rollout evaluation failed")
             await asyncio.sleep(self.rollout.config.rollback.interval_s)
 
     async def snapshot(self, known_version: int) -> dict[str, Any]:

@@ -34,6 +34,7 @@ CONTRACT = [
     "ray_serving_shadow_dropped_total",
     "ray_serving_canary_weight_percent",
     "ray_serving_rollout_fail_safe",
+    "ray_serving_rollout_last_evaluation_timestamp_seconds",  # set by the controller, not the routers
 ]
 
 

@@ -17,7 +17,7 @@ import yaml
 from serving.config import RollbackConfig
 from serving.dashboards import build
 from serving.dashboards.panels import WARNING_SHARE, expand
-from serving.metrics import InMemory, Metrics
+from serving.metrics import ControllerMetrics, InMemory, Metrics
 
 RAY_LLM_PANELS = Path(ray.__file__).parent / "dashboard/modules/metrics/dashboards/serve_llm_dashboard_panels.py"
 SAMPLE_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
@@ -43,6 +43,7 @@ def contract_names() -> set[str]:
     names = set()
     exported = InMemory()  # the names as Prometheus scrapes them from Ray's metrics agent
     Metrics(exported)
+    ControllerMetrics(exported)
     for family in exported.registry.collect():
         names |= {family.name + suffix for suffix in SAMPLE_SUFFIXES[family.type]}
     return names
