@@ -61,10 +61,11 @@ REPORTED = ("request_throughput", "output_throughput", "median_ttft_ms", "p99_tt
 
 
 def bench_config(family_dir: Path, state_dir: Path, stream_batching_ms: float | None = None) -> dict[str, Any]:
-    """deploy/tiny.yaml, with the standard tier on fp16 alone, every request shadowed to int8, no rollback."""
+    """deploy/tiny.yaml on the family in `family_dir`, with the standard tier on fp16 alone, every request
+    shadowed to int8, no rollback."""
     config: dict[str, Any] = yaml.safe_load((REPO / "deploy/tiny.yaml").read_text())
     for variant in config["variants"].values():
-        variant["path"] = str((REPO / "deploy" / variant["path"]).resolve())
+        variant["path"] = str((family_dir / Path(variant["path"]).name).resolve())
         if stream_batching_ms is not None:
             variant["stream_batching_ms"] = stream_batching_ms
     config["tiers"]["standard"].update(weight=0.0, shadow={"target": "int8", "rate": 1.0})
@@ -221,12 +222,11 @@ def profile(tokenizer: Path, out: Path, prompts: int) -> None:
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over rounds per (concurrency, target), and the ratios the issue asks for."""
-    medians: dict[str, dict[str, float]] = {}
+    grouped: dict[str, list[dict[str, Any]]] = {}
     for row in results:
-        key = f"c{row['concurrency']}-{row['target']}"
-        medians.setdefault(key, {})
-    for key in medians:
-        rows = [r for r in results if f"c{r['concurrency']}-{r['target']}" == key]
+        grouped.setdefault(f"c{row['concurrency']}-{row['target']}", []).append(row)
+    medians: dict[str, dict[str, float]] = {}
+    for key, rows in grouped.items():
         medians[key] = {k: statistics.median(r[k] for r in rows) for k in REPORTED}
         if key.endswith("shadow"):
             shed = sum(sum(v for k, v in r["shadows"].items() if k.startswith("dropped")) for r in rows)

@@ -49,6 +49,13 @@ def usage_of(chunk: dict[str, Any]) -> dict[str, Any] | None:
     return usage if isinstance(usage, dict) and not chunk.get("choices") else None
 
 
+def may_need_parsing(packet: str) -> bool:
+    """Whether a packet of SSE events may hold the usage chunk (kept for the metrics, passed on only to a
+    client that asked for it) or an engine error. A cheap test on the text: a match that is only a word
+    in the answer costs a parse, never a wrong answer."""
+    return '"usage"' in packet or '"error"' in packet
+
+
 def parse_chunk(data: str) -> dict[str, Any] | None:
     payload = data.strip().removeprefix("data:").strip()
     if not payload or payload == "[DONE]":

@@ -29,6 +29,7 @@ from serving.metrics import Metrics
 from serving.protocol import (
     answer_text,
     engine_error,
+    may_need_parsing,
     parse_chunk,
     parse_request,
     read_json_body,
@@ -454,13 +455,6 @@ class Call:
             latency = time.monotonic() - self.started
             signal = RequestSignal(self.principal.tier, self.variant, outcome == "ok", latency, ttft, tpot)
             self.core.signals.append(signal)
-
-
-def may_need_parsing(packet: str) -> bool:
-    """Whether a packet of SSE events may hold the usage chunk (kept for the metrics, passed on only to a
-    client that asked for it) or an engine error. A cheap test on the text: a match that is only a word
-    in the answer costs a parse, never a wrong answer."""
-    return '"usage"' in packet or '"error"' in packet
 
 
 Hook = Callable[[], Awaitable[None]]

@@ -60,8 +60,7 @@ class Shadower:
         self.in_flight = in_flight  # primaries in flight to a variant's engine from this router, lately
         self.rng = rng or random.Random()
         self.tracer = tracer or trace.get_tracer("serving.shadow")
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.running: dict[asyncio.Task[None], tuple[str, str, str]] = {}  # task -> (tier, primary, target)
+        self.tasks: dict[asyncio.Task[None], tuple[str, str, str]] = {}  # comparison -> (tier, primary, target)
         self.on_compared: Callable[[ComparisonSignal], None] | None = None  # signals for the rollout controller
 
     def pick_target(self, primary: str, target: str, rate: float) -> tuple[str, str] | None:
@@ -87,23 +86,20 @@ class Shadower:
         task = asyncio.get_running_loop().create_task(
             self.run(tier, primary, target, kind_of_pair, kind, request, primary_text)
         )
-        self.tasks.add(task)
-        self.running[task] = (tier, primary, target)
+        self.tasks[task] = (tier, primary, target)
         task.add_done_callback(self.forget)
         return True
 
     def forget(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
-        self.running.pop(task, None)
+        self.tasks.pop(task, None)
 
     def preempt(self, variant: str) -> int:
         """Cancels the comparisons that use this variant's engine, now that primaries keep it busy: a
         comparison started in a quiet moment must not slow the burst that follows. Returns how many."""
         cancelled = 0
-        for task, (tier, primary, target) in list(self.running.items()):
-            if variant in (primary, target) and not task.done():
+        for task, (tier, primary, target) in list(self.tasks.items()):
+            if variant in (primary, target) and not task.done() and not task.cancelling():
                 task.cancel()  # through the Ray handle, the engine aborts the request too
-                self.running.pop(task, None)
                 self.metrics.shadow_dropped.labels(tier, "preempted").inc()
                 cancelled += 1
         return cancelled

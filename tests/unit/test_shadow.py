@@ -333,7 +333,7 @@ async def test_a_running_comparison_is_cancelled_when_primaries_make_its_engine_
     async with client_for(core) as client:
         batch = await client.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer demo-batch"})
         assert batch.status_code == 200
-        assert len(core.shadower.running) == 1
+        assert len(core.shadower.tasks) == 1
         (comparison,) = core.shadower.tasks
         premium = [
             client.post(
@@ -350,4 +350,4 @@ async def test_a_running_comparison_is_cancelled_when_primaries_make_its_engine_
         for p in ("int8", "awq")
     )
     assert compared == 0
-    assert not core.shadower.running
+    assert not core.shadower.tasks
