@@ -43,6 +43,11 @@ class Router:
         self.config_json = config_json
         self.controller = controller(config_json)
         self.core.rollout_status = self.rollout_status
+        self.core.vote_keeper = self.take_vote
+
+    async def take_vote(self, response_id: str) -> bool:
+        taken: bool = await self.controller.take_vote.remote(response_id)
+        return taken
 
     async def rollout_status(self) -> dict[str, Any]:
         status: dict[str, Any] = await self.controller.status.remote()

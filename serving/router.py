@@ -49,6 +49,7 @@ logger = logging.getLogger("serving.router")
 
 MAX_PENDING_SIGNALS = 50_000  # signals waiting for the controller; the oldest go first if it is away
 DESCRIBE_TIMEOUT_S = 5.0
+VOTE_TIMEOUT_S = 5.0
 PHASES = ("idle", "progressing", "promoted", "rolled_back")
 
 
@@ -73,8 +74,9 @@ class RateLimit:
 
 
 class Votes:
-    """Response ids this replica took feedback on (bounded: the oldest are forgotten). Votes that
-    reach two replicas are counted once by the controller, which sees every replica's."""
+    """Response ids this replica took feedback on (bounded: the oldest are forgotten): the memory of
+    votes when no controller is attached (tests) or it does not answer; otherwise the controller takes
+    every replica's votes, so a repeat is refused on whichever replica it lands."""
 
     def __init__(self, capacity: int = 100_000) -> None:
         self.capacity = capacity
@@ -116,6 +118,8 @@ class RouterCore:
             tracer=self.tracer,
         )
         self.votes = Votes()
+        # The controller's vote-taking (one memory for every replica); None: this replica's own memory.
+        self.vote_keeper: Callable[[str], Awaitable[bool]] | None = None
         self.feedback_limit = RateLimit(config.limits.feedback_per_minute)
         # From the controller, shared by every router replica: keys the sticky split and signs response ids.
         self.secret: bytes | None = None
@@ -190,6 +194,18 @@ class RouterCore:
                 if count > seen.get(reason, 0):
                     self.metrics.rollbacks.labels(tier, reason).inc(count - seen.get(reason, 0))
                     seen[reason] = count
+
+    async def take_vote(self, response_id: str) -> bool:
+        """True if this is the first vote on the answer, asked of the controller when one is attached."""
+        if self.vote_keeper is None:
+            return self.votes.add(response_id)
+        try:
+            return await asyncio.wait_for(self.vote_keeper(response_id), VOTE_TIMEOUT_S)
+        except Exception as exc:
+            # The vote still counts once in the controller's window (it dedups by response id); only this
+            # replica's feedback counter could count a repeat that reached another replica.
+            logger.warning("the controller did not take a vote (%r); this replica's memory decides", exc)
+            return self.votes.add(response_id)
 
     def signing_keys(self) -> list[bytes]:
         """The key that signs response ids first; ids signed before the controller's secret arrived still verify."""
@@ -309,7 +325,7 @@ class RouterCore:
                 code="feedback_rate_limited",
                 headers={"retry-after": str(max(1, round(wait_s)))},
             )
-        if not self.votes.add(response_id):  # one vote per response: repeats cannot trip, or hide, a rollback
+        if not await self.take_vote(response_id):  # one vote per response: repeats cannot trip, or hide, a rollback
             raise Conflict("feedback on this response was already recorded", param="response_id", code="duplicate")
         self.metrics.feedback.labels(answered.variant, answered.tier).inc()
         self.signals.append(FeedbackSignal(answered.tier, answered.variant, overridden, response_id))

@@ -14,7 +14,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -32,6 +32,7 @@ logger = logging.getLogger("serving.rollout")
 NAMESPACE = "serving"
 CONTROLLER_NAME = "serving-rollout-controller"
 MAX_HISTORY = 50
+MAX_VOTES = 1_000_000  # response ids that had feedback; ~100 MB at worst, far more than one tier's votes a day
 
 
 # The reason an event gives for a tier entering each phase.
@@ -73,6 +74,7 @@ class Rollout:
         self.state.setdefault("secret", secrets.token_hex(32))
         self.latest: dict[str, list[dict[str, Any]]] = {}
         self.rollback_counts: dict[str, dict[str, int]] = {}
+        self.votes: OrderedDict[str, float] = OrderedDict()  # response id -> when its vote was taken
         self.apply_tiers(config, first=True)
 
     # -- config -------------------------------------------------------------------------------------
@@ -143,6 +145,21 @@ class Rollout:
         horizon = now - self.config.rollback.window_s
         while self.events and self.events[0][0] < horizon:
             self.events.popleft()
+
+    def take_vote(self, response_id: str) -> bool:
+        """Records a feedback vote on one answer; False if it already had one, whichever router replica
+        took it. Remembered only as long as feedback on the answer is accepted at all (a signed id older
+        than `feedback_max_age_s` is refused before it gets here), so memory stays bounded by the votes
+        of that period. Not persisted: a restarted controller would take a second vote on an answer voted
+        before the restart; `window()` still counts that answer's vote once while the window holds both."""
+        now = self.clock()
+        horizon = now - self.config.limits.feedback_max_age_s
+        while self.votes and (len(self.votes) >= MAX_VOTES or next(iter(self.votes.values())) < horizon):
+            self.votes.popitem(last=False)
+        if response_id in self.votes:
+            return False
+        self.votes[response_id] = now
+        return True
 
     def window(self, name: str, tier: TierConfig, since: float) -> checks.Window:
         w = checks.Window()
@@ -318,6 +335,9 @@ class RolloutController:
 
     async def report(self, events: list[Signal]) -> None:
         self.rollout.report(events)
+
+    async def take_vote(self, response_id: str) -> bool:
+        return self.rollout.take_vote(response_id)
 
     async def apply(self, config_json: str) -> int:
         return self.rollout.apply(Config.model_validate_json(config_json))
