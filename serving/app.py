@@ -64,8 +64,7 @@ class Router:
             logger.info("config version %d applied", snapshot["version"])
         self.core.config_version = snapshot["version"]
         self.core.secret = bytes.fromhex(snapshot["secret"])
-        self.core.metrics.rollout_fail_safe.set(1 if snapshot.get("fail_safe") else 0)
-        self.core.follow_rollout(snapshot["weights"], snapshot["phases"], snapshot["rollbacks"])
+        self.core.follow_rollout(snapshot["weights"])
 
     async def follow_controller(self) -> None:
         while True:

@@ -13,8 +13,8 @@ Where the samples go is a backend, passed in:
   read from ray 2.60's source and checked on a live agent: Ray prefixes every name with `ray_`
   (`serving_requests_total` is scraped as `ray_serving_requests_total`), adds the labels `deployment`,
   `replica` and `application` (and Ray's own `NodeAddress`, `WorkerId`, ...), so every query
-  aggregates across replicas (`sum by`, `max by` for the gauges every replica mirrors from the
-  controller), and exports every `metrics_report_interval_ms` (10 s by default; 1 s for a Ray that
+  aggregates across replicas (`sum by`; `max by` for the canary weight, which every replica mirrors
+  from the controller), and exports every `metrics_report_interval_ms` (10 s by default; 1 s for a Ray that
   `serving serve` starts). The metrics must be created in the replica's constructor, where Serve's
   replica context exists, or its labels are missing.
 - `InMemory` (unit tests, benchmarks of the router alone): a prometheus_client registry holding the
@@ -159,7 +159,7 @@ class RayExport:
         )
 
 
-def sample(metrics: Metrics, name: str, labels: Mapping[str, str] | None = None) -> float | None:
+def sample(metrics: Metrics | ControllerMetrics, name: str, labels: Mapping[str, str] | None = None) -> float | None:
     """A sample's value from in-memory metrics (tests), by its scraped name, e.g. `ray_serving_requests_total`."""
     if not isinstance(metrics.backend, InMemory):
         raise TypeError("only in-memory metrics can be read here; Ray's are read from the node's metrics agent")
@@ -249,25 +249,6 @@ class Metrics:
             "Shadow requests dropped instead of queued",
             ("tier", "reason"),
         )
-        # Each replica counts the controller's rollbacks, so take one replica's count, not the sum:
-        # max by (tier, reason) (increase(ray_serving_rollbacks_total[1h]))
-        self.rollbacks = backend.counter(
-            "serving_rollbacks_total",
-            "Automatic rollbacks of a tier's candidate, by the check that tripped",
-            ("tier", "reason"),
-        )
-        # Every router replica mirrors the controller's state, so read one replica's view:
-        # max by (tier, phase) (ray_serving_rollout_phase) == 1
-        self.rollout_phase = backend.gauge(
-            "serving_rollout_phase",
-            "1 for the tier's current rollout phase, 0 for the others",
-            ("tier", "phase"),
-        )
-        # max(ray_serving_rollout_fail_safe) == 1   (page: canaries are held at 0 until an operator applies a config)
-        self.rollout_fail_safe = backend.gauge(
-            "serving_rollout_fail_safe",
-            "1 while the rollout controller holds every candidate at 0 after a damaged state file",
-        )
         # max by (tier, candidate) (ray_serving_canary_weight_percent)
         self.canary_weight = backend.gauge(
             "serving_canary_weight_percent",
@@ -280,6 +261,11 @@ class ActorExport(RayExport):
     """Metrics of a plain Ray actor (the rollout controller): `ray.util.metrics`, exported by the node's
     metrics agent like Serve's, without the replica tags that only a Serve replica has."""
 
+    def counter(self, name: str, description: str, labels: Sequence[str]) -> CounterFamily:
+        from ray.util import metrics
+
+        return _RayFamily(metrics.Counter(name, description, tag_keys=tuple(labels)), labels)
+
     def gauge(self, name: str, description: str, labels: Sequence[str] = ()) -> GaugeFamily:
         from ray.util import metrics
 
@@ -287,10 +273,36 @@ class ActorExport(RayExport):
 
 
 class ControllerMetrics:
-    """The rollout controller's own metrics, emitted once by the controller (not by every router replica)."""
+    """The rollout controller's own metrics, in one recorder, emitted once by the controller (never
+    mirrored by the router replicas, which would count each rollback once per replica and again after
+    a router restart). A restarted controller starts its counters at 0, which increase() reads as a reset."""
 
     def __init__(self, backend: Backend | None = None) -> None:
         backend = backend or InMemory()
+        self.backend = backend
+        # sum by (tier, reason) (increase(ray_serving_rollbacks_total[1h]))
+        self.rollbacks = backend.counter(
+            "serving_rollbacks_total",
+            "Automatic rollbacks of a tier's candidate, by the check that tripped",
+            ("tier", "reason"),
+        )
+        # sum by (tier) (increase(ray_serving_promotions_total[1h]))
+        self.promotions = backend.counter(
+            "serving_promotions_total",
+            "Candidates promoted to all traffic (weight 100), by config or by progression",
+            ("tier",),
+        )
+        # max by (tier, phase) (ray_serving_rollout_phase) == 1   (max: an old controller's last sample may linger)
+        self.rollout_phase = backend.gauge(
+            "serving_rollout_phase",
+            "1 for the tier's current rollout phase, 0 for the others",
+            ("tier", "phase"),
+        )
+        # max(ray_serving_rollout_fail_safe) == 1   (page: canaries are held at 0 until an operator applies a config)
+        self.rollout_fail_safe = backend.gauge(
+            "serving_rollout_fail_safe",
+            "1 while the rollout controller holds every candidate at 0 after a damaged state file",
+        )
         # time() - max(ray_serving_rollout_last_evaluation_timestamp_seconds) > 3 * interval_s + export delay
         self.last_evaluation = backend.gauge(
             "serving_rollout_last_evaluation_timestamp_seconds",

@@ -50,7 +50,6 @@ logger = logging.getLogger("serving.router")
 MAX_PENDING_SIGNALS = 50_000  # signals waiting for the controller; the oldest go first if it is away
 DESCRIBE_TIMEOUT_S = 5.0
 VOTE_TIMEOUT_S = 5.0
-PHASES = ("idle", "progressing", "promoted", "rolled_back")
 
 
 class RateLimit:
@@ -129,7 +128,6 @@ class RouterCore:
         # Live weights from the rollout controller; None (no controller, e.g. in tests) means the config's.
         self.live_weights: dict[str, float] | None = None
         self.weights_changed_at: dict[str, float] = {}
-        self.rollbacks_seen: dict[str, dict[str, int]] = {}
         self.signals: deque[Signal] = deque(maxlen=MAX_PENDING_SIGNALS)
         self.shadower.on_compared = self.signals.append
         self.rollout_status: Callable[[], Awaitable[dict[str, Any]]] | None = None
@@ -175,25 +173,14 @@ class RouterCore:
         self.signals.clear()
         return drained
 
-    def follow_rollout(
-        self, weights: dict[str, float], phases: dict[str, str], rollbacks: dict[str, dict[str, int]]
-    ) -> None:
-        """Takes the controller's live weights and mirrors its rollout state into this replica's metrics."""
+    def follow_rollout(self, weights: dict[str, float]) -> None:
+        """Takes the controller's live weights (its phases and rollbacks are its own metrics, emitted once)."""
         now = time.time()
         for tier, weight in weights.items():
             if self.live_weights is None or self.live_weights.get(tier) != weight:
                 self.weights_changed_at[tier] = now
         self.live_weights = dict(weights)
         self.publish_weights(self.config)
-        for tier, phase in phases.items():
-            for known in PHASES:
-                self.metrics.rollout_phase.labels(tier, known).set(1 if known == phase else 0)
-        for tier, counts in rollbacks.items():
-            seen = self.rollbacks_seen.setdefault(tier, {})
-            for reason, count in counts.items():
-                if count > seen.get(reason, 0):
-                    self.metrics.rollbacks.labels(tier, reason).inc(count - seen.get(reason, 0))
-                    seen[reason] = count
 
     async def take_vote(self, response_id: str) -> bool:
         """True if this is the first vote on the answer, asked of the controller when one is attached."""

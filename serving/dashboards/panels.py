@@ -135,10 +135,10 @@ class Annotation:
         return {"titleFormat": self.title, "tagKeys": "tier", "step": "30s", "useValueForTime": False}
 
 
-# Rollbacks and promotions, as events on every time series. Every router replica mirrors the controller's
-# counts and phases, so these take max across replicas, never sum. A counter series is created at its
-# first rollback with the value 1, which increase() cannot see (it has no earlier sample): a series that
-# exists now and did not a minute ago is an event too.
+# Rollbacks and promotions, as events on every time series. The rollout controller emits its counts and
+# phases once; max (never sum) also covers a restarted controller whose old series linger a while. Its
+# counters start at 0, but a series that exists now and did not a minute ago is still read as an event
+# (a controller from before that change created its series at 1, which increase() cannot see).
 ROLLBACKS = Annotation(
     name="Rollbacks",
     expr=(

@@ -74,6 +74,9 @@ class Window:
     baseline_overrides: int = 0
 
 
+CHECKS = ("error_rate", "ttft_ratio", "tpot_ratio", "disagreement", "score_drift", "override_rate")
+
+
 @dataclass(frozen=True)
 class Verdict:
     check: str  # error_rate | ttft_ratio | tpot_ratio | disagreement | score_drift | override_rate

@@ -56,10 +56,18 @@ def tier_hash(tier: TierConfig) -> str:
 
 
 class Rollout:
-    def __init__(self, config: Config, clock: Callable[[], float] = time.time, *, restarted: bool = False) -> None:
+    def __init__(
+        self,
+        config: Config,
+        clock: Callable[[], float] = time.time,
+        *,
+        restarted: bool = False,
+        metrics: ControllerMetrics | None = None,
+    ) -> None:
         """`restarted`: this is the same controller coming back after a crash, so the last applied
         config (persisted with the state) wins over the one it was first created with."""
         self.clock = clock
+        self.metrics = metrics or ControllerMetrics()  # in memory, unless the actor passes Ray's export
         self.events: deque[tuple[float, Signal]] = deque()
         self.state = store.load_state(config.rollback.state_file)
         if restarted and "config" in self.state:
@@ -73,7 +81,6 @@ class Rollout:
         # the state, so buckets and feedback ids survive restarts.
         self.state.setdefault("secret", secrets.token_hex(32))
         self.latest: dict[str, list[dict[str, Any]]] = {}
-        self.rollback_counts: dict[str, dict[str, int]] = {}
         self.votes: OrderedDict[str, float] = OrderedDict()  # response id -> when its vote was taken
         self.apply_tiers(config, first=True)
 
@@ -124,6 +131,20 @@ class Rollout:
         self.state, self.config, self.version = state, config, version
         for name, tier, phase in changes:  # told once they hold
             emit_event("Normal", PHASE_REASONS[phase], name, f"{tier.candidate or '-'} at {tier.weight:g}%")
+            if phase is Phase.PROMOTED:
+                self.metrics.promotions.labels(name).inc()
+        self.publish_state()
+
+    def publish_state(self) -> None:
+        """The phase gauges and fail-safe flag, and a zero for every counter: a zero is data, an absent
+        series is not (and increase() cannot see a series born at 1)."""
+        for name, record in self.state["tiers"].items():
+            for phase in Phase:
+                self.metrics.rollout_phase.labels(name, phase).set(1 if phase == record["phase"] else 0)
+            self.metrics.promotions.labels(name).inc(0)
+            for check in checks.CHECKS:
+                self.metrics.rollbacks.labels(name, check).inc(0)
+        self.metrics.rollout_fail_safe.set(1 if "fail_safe" in self.state else 0)
 
     def weights(self) -> dict[str, float]:
         live = {}
@@ -259,9 +280,9 @@ class Rollout:
             logger.exception("could not save the rollback of tier %s; it holds until the controller restarts", name)
         # From this line on every router poll gets weight 0 (`weights()` reads the phase).
         self.state = state
-        counts = self.rollback_counts.setdefault(name, {})
         for reason in event["reasons"]:
-            counts[reason] = counts.get(reason, 0) + 1
+            self.metrics.rollbacks.labels(name, reason).inc()
+        self.publish_state()
         why = ", ".join(
             f"{v.check} {v.value:.4f} > {v.threshold} (n={v.samples})" for v in failed if v.value is not None
         )
@@ -272,8 +293,6 @@ class Rollout:
             "version": self.version,
             "config": None if known_version == self.version else self.config.model_dump_json(),
             "weights": self.weights(),
-            "phases": {name: record["phase"] for name, record in self.state["tiers"].items()},
-            "rollbacks": self.rollback_counts,
             "secret": self.state["secret"],
             "fail_safe": self.state.get("fail_safe"),
         }
@@ -308,11 +327,11 @@ class RolloutController:
         # `recover`: a router starts this controller in place of one that died for good, so the state
         # file's last applied config wins over the deploy-time config the router holds, as on a restart.
         restarted = recover or ray.get_runtime_context().was_current_actor_reconstructed
-        self.rollout = Rollout(Config.model_validate_json(config_json), restarted=restarted)
+        self.metrics = ControllerMetrics(ActorExport())
+        self.rollout = Rollout(Config.model_validate_json(config_json), restarted=restarted, metrics=self.metrics)
         if restarted:
             logger.warning("rollout controller restarted; config version %d restored", self.rollout.version)
         self.loop_started = False
-        self.metrics = ControllerMetrics(ActorExport())
 
     async def ensure_loop(self) -> None:
         if not self.loop_started:

@@ -33,8 +33,12 @@ CONTRACT = [
     "ray_serving_feedback_total",
     "ray_serving_shadow_dropped_total",
     "ray_serving_canary_weight_percent",
+    # The rollout controller's own, emitted once by it (not by the routers); its counters start at 0.
     "ray_serving_rollout_fail_safe",
-    "ray_serving_rollout_last_evaluation_timestamp_seconds",  # set by the controller, not the routers
+    "ray_serving_rollout_last_evaluation_timestamp_seconds",
+    "ray_serving_rollout_phase",
+    "ray_serving_rollbacks_total",
+    "ray_serving_promotions_total",
 ]
 
 

@@ -14,8 +14,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import BASE, Stack, apply_config, served_variants
+from tests.integration.conftest import BASE, METRICS_URL, Stack, apply_config, served_variants
 
 pytestmark = pytest.mark.integration
 
@@ -31,6 +32,17 @@ def rollout() -> dict[str, Any]:
 
 def batch_variants(users: range) -> set[str]:
     return served_variants("demo-batch", users, prefix="after")
+
+
+def exported(name: str, **labels: str) -> float:
+    """The sum of a metric's samples on this node's Ray metrics agent, over every process that reports."""
+    want = set(labels.items())
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(httpx.get(METRICS_URL, timeout=10).text)
+        for sample in family.samples
+        if sample.name == name and want <= set(sample.labels.items())
+    )
 
 
 def kill(process_title: str) -> None:
@@ -105,6 +117,10 @@ def test_awq_rolls_back_by_itself_int8_does_not_and_it_stays_rolled_back(stack: 
     )
     assert delay < 10
     assert batch_variants(range(20)) == {"int8"}
+    # Counted once, by the controller, not once per router replica.
+    for reason in event["reasons"]:
+        wait_until(lambda r=reason: exported("ray_serving_rollbacks_total", tier="batch", reason=r) >= 1, 30, "export")
+        assert exported("ray_serving_rollbacks_total", tier="batch", reason=reason) == 1
 
     # So does `serving rollout status`, as a table, and the state file.
     table = subprocess.run(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from serving.metrics import EXPORTED_PREFIX, InMemory, Metrics, RayExport, sample
+from serving.metrics import EXPORTED_PREFIX, ActorExport, ControllerMetrics, InMemory, Metrics, RayExport, sample
 
 
 class Recorded:
@@ -48,12 +48,15 @@ def test_ray_accepts_every_declaration_and_sample_outside_a_replica() -> None:
     metrics.requests.labels("fp16", "premium", "primary", "ok").inc()
     metrics.shadow_dropped.labels("batch", "failed").inc(0)
     metrics.token_agreement.labels("batch", "awq", "fp16", "candidate").observe(0.0)
-    metrics.rollout_fail_safe.set(0)
+    controller = ControllerMetrics(ActorExport())  # a plain actor's: ray.util.metrics
+    controller.rollout_fail_safe.set(0)
+    controller.rollbacks.labels("batch", "score_drift").inc(0)
 
 
 def test_the_contract_names_labels_and_kinds() -> None:
     declared = Declared()
     Metrics(declared)
+    ControllerMetrics(declared)
     for name, (kind, labels) in declared.names.items():
         assert name.startswith("serving_"), name
         assert ":" not in name, name

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from serving.config import Config, load_config
+from serving.metrics import sample as metric_sample
 from serving.rollout import checks, store
 from serving.rollout.controller import Rollout
 from serving.rollout.phases import TRANSITIONS, Event, InvalidTransition, Phase, next_phase
@@ -339,3 +340,26 @@ def test_rollbacks_and_phase_changes_are_logged_as_kubernetes_style_events(
     ), events
     assert "event type=Normal reason=Promoted object=tier/batch message='awq at 100%'" in events
     assert sum("reason=RolledBack" in e for e in events) == 1  # one line per event
+
+
+def test_the_controller_counts_rollbacks_and_promotions_once_in_its_own_metrics(tmp_path: Path) -> None:
+    rollout = Rollout(demo_config(tmp_path), Clock())
+    metrics = rollout.metrics
+    batch = {"tier": "batch", "reason": "score_drift"}
+    assert metric_sample(metrics, "ray_serving_rollbacks_total", batch) == 0  # a zero from the start
+    assert metric_sample(metrics, "ray_serving_rollout_phase", {"tier": "batch", "phase": "progressing"}) == 1
+    rollout.report(awq_signals(30))
+    assert rollout.evaluate() == ["batch"]
+    rollout.evaluate()  # judged again: a rolled-back tier is not counted twice
+    assert metric_sample(metrics, "ray_serving_rollbacks_total", batch) == 1
+    assert metric_sample(metrics, "ray_serving_rollout_phase", {"tier": "batch", "phase": "rolled_back"}) == 1
+    assert metric_sample(metrics, "ray_serving_rollout_phase", {"tier": "batch", "phase": "progressing"}) == 0
+    assert metric_sample(metrics, "ray_serving_promotions_total", {"tier": "standard"}) == 0
+    standard = {
+        **rollout.config.tiers,
+        "standard": rollout.config.tiers["standard"].model_copy(update={"weight": 100.0}),
+    }
+    rollout.apply(rollout.config.model_copy(update={"tiers": standard}))
+    assert metric_sample(metrics, "ray_serving_promotions_total", {"tier": "standard"}) == 1
+    assert metric_sample(metrics, "ray_serving_rollout_phase", {"tier": "standard", "phase": "promoted"}) == 1
+    assert metric_sample(metrics, "ray_serving_rollout_fail_safe") == 0
