@@ -16,7 +16,7 @@ from serving.engine import Placement, VariantServer
 from serving.kernels import WORKER_EXTENSION
 from serving.metrics import Metrics, RayExport
 from serving.models import manifest
-from serving.rollout.controller import controller
+from serving.rollout.follower import RayController
 from serving.router import RouterCore, create_app
 from serving.variants import RayVariant
 
@@ -34,37 +34,24 @@ class Router:
         # Created here, in the replica, so Serve labels them with this deployment and replica; the node's
         # metrics agent exports them (see serving/metrics.py): no replica opens a port of its own.
         metrics = Metrics(RayExport())
+        self.controller = RayController(config_json)
         self.core = RouterCore(
-            config, {name: RayVariant(h) for name, h in handles.items()}, provenance, metrics=metrics
+            config,
+            {name: RayVariant(h) for name, h in handles.items()},
+            provenance,
+            metrics=metrics,
+            controller=self.controller,
         )
-        # Until the controller answers, candidates get no traffic: a restarted router must never
-        # bring back a weight that the controller rolled back.
-        self.core.live_weights = {}
-        self.config_json = config_json
-        self.controller = controller(config_json)
-        self.core.rollout_status = self.rollout_status
-        self.core.vote_keeper = self.take_vote
-
-    async def take_vote(self, response_id: str) -> bool:
-        taken: bool = await self.controller.take_vote.remote(response_id)
-        return taken
-
-    async def rollout_status(self) -> dict[str, Any]:
-        status: dict[str, Any] = await self.controller.status.remote()
-        return status
 
     async def sync(self) -> None:
-        """Reports this replica's signals and takes the controller's config and live weights."""
-        events = self.core.drain_signals()
-        if events:
-            await self.controller.report.remote(events)
-        snapshot = await self.controller.snapshot.remote(self.core.config_version)
+        """Delivers this replica's signals and takes the controller's config, secret and live weights."""
+        snapshot = await self.core.follower.sync(self.core.config_version)
         if snapshot["config"] is not None:
             self.core.apply(Config.model_validate_json(snapshot["config"]))
             logger.info("config version %d applied", snapshot["version"])
         self.core.config_version = snapshot["version"]
         self.core.secret = bytes.fromhex(snapshot["secret"])
-        self.core.follow_rollout(snapshot["weights"])
+        self.core.follower.follow(snapshot["weights"], self.core.config)
 
     async def follow_controller(self) -> None:
         while True:
@@ -75,10 +62,8 @@ class Router:
                 logger.exception(
                     "could not sync with the rollout controller; keeping version %d", self.core.config_version
                 )
-                # A controller that died for good (one that failed in its constructor is not restarted
-                # by Ray) leaves its name free: look it up again, creating a new one if it is gone.
                 try:
-                    self.controller = controller(self.config_json, recover=True)
+                    self.controller.reconnect()
                 except Exception:
                     logger.exception("could not find or start a rollout controller")
 

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import secrets
 import time
-from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -40,16 +39,15 @@ from serving.protocol import (
     with_usage,
 )
 from serving.readiness import Readiness
-from serving.rollout.signals import FeedbackSignal, RequestSignal, Signal
+from serving.rollout.follower import ControllerLink, Follower
+from serving.rollout.signals import FeedbackSignal, RequestSignal
 from serving.shadow import Shadower
 from serving.tracing import make_tracer, trace_id_hex
 from serving.variants import Kind, VariantClient
 
 logger = logging.getLogger("serving.router")
 
-MAX_PENDING_SIGNALS = 50_000  # signals waiting for the controller; the oldest go first if it is away
 DESCRIBE_TIMEOUT_S = 5.0
-VOTE_TIMEOUT_S = 5.0
 
 
 class RateLimit:
@@ -72,25 +70,6 @@ class RateLimit:
         return 0.0
 
 
-class Votes:
-    """Response ids this replica took feedback on (bounded: the oldest are forgotten): the memory of
-    votes when no controller is attached (tests) or it does not answer; otherwise the controller takes
-    every replica's votes, so a repeat is refused on whichever replica it lands."""
-
-    def __init__(self, capacity: int = 100_000) -> None:
-        self.capacity = capacity
-        self.ids: OrderedDict[str, None] = OrderedDict()
-
-    def add(self, response_id: str) -> bool:
-        """Records a vote; False if this response already had one."""
-        if response_id in self.ids:
-            return False
-        self.ids[response_id] = None
-        if len(self.ids) > self.capacity:
-            self.ids.popitem(last=False)
-        return True
-
-
 class RouterCore:
     def __init__(
         self,
@@ -100,6 +79,7 @@ class RouterCore:
         *,
         metrics: Metrics | None = None,
         tracer: trace.Tracer | None = None,
+        controller: ControllerLink | None = None,
     ) -> None:
         self.config = config
         self.variants = dict(variants)
@@ -116,21 +96,15 @@ class RouterCore:
             in_flight=self.in_flight,
             tracer=self.tracer,
         )
-        self.votes = Votes()
-        # The controller's vote-taking (one memory for every replica); None: this replica's own memory.
-        self.vote_keeper: Callable[[str], Awaitable[bool]] | None = None
+        # The rollout, as this replica sees it: live weights, signals for the controller, feedback votes.
+        self.follower = Follower(self.metrics, controller)
         self.feedback_limit = RateLimit(config.limits.feedback_per_minute)
         # From the controller, shared by every router replica: keys the sticky split and signs response ids.
         self.secret: bytes | None = None
         self.local_key = secrets.token_bytes(32)  # signs until the controller's secret arrives
         self.readiness = Readiness()
         self.engine_facts: dict[str, dict[str, Any]] = {}
-        # Live weights from the rollout controller; None (no controller, e.g. in tests) means the config's.
-        self.live_weights: dict[str, float] | None = None
-        self.weights_changed_at: dict[str, float] = {}
-        self.signals: deque[Signal] = deque(maxlen=MAX_PENDING_SIGNALS)
-        self.shadower.on_compared = self.signals.append
-        self.rollout_status: Callable[[], Awaitable[dict[str, Any]]] | None = None
+        self.shadower.on_compared = self.follower.record
         self.config_version = 0
         self.start_series(config)
 
@@ -157,42 +131,7 @@ class RouterCore:
         for name in config.tiers:
             for reason in ("saturated", "failed"):
                 self.metrics.shadow_dropped.labels(name, reason).inc(0)
-        self.publish_weights(config)
-
-    def publish_weights(self, config: Config) -> None:
-        for name, tier in config.tiers.items():
-            self.metrics.canary_weight.labels(name, tier.candidate or "none").set(self.live_weight(config, name))
-
-    def live_weight(self, config: Config, tier: str) -> float:
-        if self.live_weights is None:
-            return config.tiers[tier].weight
-        return self.live_weights.get(tier, 0.0)
-
-    def drain_signals(self) -> list[Signal]:
-        drained = list(self.signals)
-        self.signals.clear()
-        return drained
-
-    def follow_rollout(self, weights: dict[str, float]) -> None:
-        """Takes the controller's live weights (its phases and rollbacks are its own metrics, emitted once)."""
-        now = time.time()
-        for tier, weight in weights.items():
-            if self.live_weights is None or self.live_weights.get(tier) != weight:
-                self.weights_changed_at[tier] = now
-        self.live_weights = dict(weights)
-        self.publish_weights(self.config)
-
-    async def take_vote(self, response_id: str) -> bool:
-        """True if this is the first vote on the answer, asked of the controller when one is attached."""
-        if self.vote_keeper is None:
-            return self.votes.add(response_id)
-        try:
-            return await asyncio.wait_for(self.vote_keeper(response_id), VOTE_TIMEOUT_S)
-        except Exception as exc:
-            # The vote still counts once in the controller's window (it dedups by response id); only this
-            # replica's feedback counter could count a repeat that reached another replica.
-            logger.warning("the controller did not take a vote (%r); this replica's memory decides", exc)
-            return self.votes.add(response_id)
+        self.follower.publish_weights(config)
 
     def signing_keys(self) -> list[bytes]:
         """The key that signs response ids first; ids signed before the controller's secret arrived still verify."""
@@ -227,14 +166,8 @@ class RouterCore:
         principal = authenticate(self.config, request.headers.get("authorization"))
         if not principal.admin:
             raise Forbidden("this API key may not read the rollout state", code="admin_only")
-        if self.rollout_status is None:
-            raise Unavailable("no rollout controller is attached to this router", code="no_controller")
-        status = await self.rollout_status()
-        status["router"] = {
-            "config_version": self.config_version,
-            "live_weights": self.live_weights,
-            "weights_changed_at": self.weights_changed_at,
-        }
+        status = await self.follower.status()
+        status["router"]["config_version"] = self.config_version
         return JSONResponse(status)
 
     async def handle(self, kind: Kind, request: Request) -> Response:
@@ -267,7 +200,7 @@ class RouterCore:
             decision = routing.decide(
                 principal.tier,
                 tier,
-                self.live_weight(config, principal.tier),
+                self.follower.weight(config, principal.tier),
                 sticky,
                 config.variants,
                 override,
@@ -312,10 +245,12 @@ class RouterCore:
                 code="feedback_rate_limited",
                 headers={"retry-after": str(max(1, round(wait_s)))},
             )
-        if not await self.take_vote(response_id):  # one vote per response: repeats cannot trip, or hide, a rollback
+        if not await self.follower.take_vote(
+            response_id
+        ):  # one vote per response: repeats cannot trip, or hide, a rollback
             raise Conflict("feedback on this response was already recorded", param="response_id", code="duplicate")
         self.metrics.feedback.labels(answered.variant, answered.tier).inc()
-        self.signals.append(FeedbackSignal(answered.tier, answered.variant, overridden, response_id))
+        self.follower.record(FeedbackSignal(answered.tier, answered.variant, overridden, response_id))
         if overridden:
             self.metrics.overrides.labels(answered.variant, answered.tier, "feedback").inc()
             logger.info(
@@ -457,7 +392,7 @@ class Call:
         if outcome != "rejected":  # a request the engine refused as invalid says nothing of the variant
             latency = time.monotonic() - self.started
             signal = RequestSignal(self.principal.tier, self.variant, outcome == "ok", latency, ttft, tpot)
-            self.core.signals.append(signal)
+            self.core.follower.record(signal)
 
 
 Hook = Callable[[], Awaitable[None]]

@@ -32,6 +32,7 @@ logger = logging.getLogger("serving.rollout")
 NAMESPACE = "serving"
 CONTROLLER_NAME = "serving-rollout-controller"
 MAX_HISTORY = 50
+MAX_BATCHES = 100_000  # batch ids of delivered signals, to drop a batch a router sent again
 MAX_VOTES = 1_000_000  # response ids that had feedback; ~100 MB at worst, far more than one tier's votes a day
 
 
@@ -82,6 +83,7 @@ class Rollout:
         self.state.setdefault("secret", secrets.token_hex(32))
         self.latest: dict[str, list[dict[str, Any]]] = {}
         self.votes: OrderedDict[str, float] = OrderedDict()  # response id -> when its vote was taken
+        self.batches: OrderedDict[str, None] = OrderedDict()  # signal batches taken (serving.rollout.follower)
         self.apply_tiers(config, first=True)
 
     # -- config -------------------------------------------------------------------------------------
@@ -155,7 +157,15 @@ class Rollout:
         return live
 
     # -- signals ------------------------------------------------------------------------------------
-    def report(self, events: list[Signal]) -> None:
+    def report(self, events: list[Signal], batch: str | None = None) -> None:
+        """Takes a router's signals; a batch id already taken is dropped (the router sent it again
+        because it did not see the acknowledgement)."""
+        if batch is not None:
+            if batch in self.batches:
+                return
+            self.batches[batch] = None
+            if len(self.batches) > MAX_BATCHES:
+                self.batches.popitem(last=False)
         now = self.clock()
         current = [e for e in events if e.version == signals.VERSION]
         if len(current) < len(events):
@@ -352,8 +362,8 @@ class RolloutController:
         await self.ensure_loop()
         return self.rollout.snapshot(known_version)
 
-    async def report(self, events: list[Signal]) -> None:
-        self.rollout.report(events)
+    async def report(self, events: list[Signal], batch: str | None = None) -> None:
+        self.rollout.report(events, batch)
 
     async def take_vote(self, response_id: str) -> bool:
         return self.rollout.take_vote(response_id)

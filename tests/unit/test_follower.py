@@ -9,9 +9,11 @@ import httpx
 import pytest
 
 from serving.config import Config, load_config
+from serving.metrics import Metrics
 from serving.metrics import sample as metric_sample
 from serving.rollout.controller import Rollout
-from serving.rollout.signals import FeedbackSignal
+from serving.rollout.follower import Follower, LocalController
+from serving.rollout.signals import FeedbackSignal, RequestSignal, Signal
 from serving.router import RouterCore, create_app
 from serving.variants import FakeVariant
 
@@ -36,13 +38,9 @@ def config(tmp_path: Path) -> Config:
 
 def replica(rollout: Rollout) -> RouterCore:
     """One router replica attached to the shared controller, as serving.app attaches it."""
-    core = RouterCore(rollout.config, {name: FakeVariant(name) for name in rollout.config.variants})
+    variants = {name: FakeVariant(name) for name in rollout.config.variants}
+    core = RouterCore(rollout.config, variants, controller=LocalController(rollout))
     core.secret = bytes.fromhex(rollout.snapshot(0)["secret"])
-
-    async def take_vote(response_id: str) -> bool:
-        return rollout.take_vote(response_id)
-
-    core.vote_keeper = take_vote
     return core
 
 
@@ -63,17 +61,18 @@ async def test_a_repeated_vote_is_refused_on_whichever_replica_it_lands(tmp_path
     labels = {"variant": "fp16", "tier": "premium", "kind": "feedback"}
     counted = [metric_sample(core.metrics, "ray_serving_overrides_total", labels) for core in (first, second)]
     assert counted == [None, 1]  # counted once, by the replica that took it
-    feedback = [s for core in (first, second) for s in core.signals if isinstance(s, FeedbackSignal)]
+    feedback = [s for core in (first, second) for s in core.follower.signals if isinstance(s, FeedbackSignal)]
     assert feedback == [FeedbackSignal("premium", "fp16", True, vote["response_id"])]
 
 
 async def test_a_controller_that_does_not_answer_leaves_the_vote_to_the_replica(tmp_path: Path) -> None:
     core = replica(Rollout(config(tmp_path), Clock()))
 
-    async def unreachable(response_id: str) -> bool:
-        raise ConnectionError("controller gone")
+    class Unreachable(LocalController):
+        async def take_vote(self, response_id: str) -> bool:
+            raise ConnectionError("controller gone")
 
-    core.vote_keeper = unreachable
+    core.follower.controller = Unreachable(None)
     async with client(core) as http:
         answered = await http.post("/v1/chat/completions", json=CHAT, headers=PREMIUM)
         vote = {"response_id": answered.json()["id"], "overridden": False}
@@ -99,3 +98,48 @@ def test_the_vote_memory_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     for i in range(10):
         assert rollout.take_vote(f"id-{i}")
     assert list(rollout.votes) == ["id-7", "id-8", "id-9"]
+
+
+class Flaky(LocalController):
+    """A link whose reports fail `failures` times after the controller took them (the acknowledgement lost)."""
+
+    def __init__(self, rollout: Rollout, failures: int) -> None:
+        super().__init__(rollout)
+        self.failures = failures
+        self.sent: list[str] = []
+
+    async def report(self, batch: str, signals: list[Signal]) -> None:
+        self.sent.append(batch)
+        await super().report(batch, signals)
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("the answer was lost")
+
+
+async def test_signals_are_kept_until_acknowledged_and_judged_once(tmp_path: Path) -> None:
+    rollout = Rollout(config(tmp_path), Clock())
+    link = Flaky(rollout, failures=2)
+    follower = Follower(Metrics(), link)
+    for i in range(3):
+        follower.record(RequestSignal("batch", "awq", True, 0.1, 0.01, 0.001 * i))
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            await follower.deliver()
+        assert follower.unacknowledged is not None  # kept, to be sent again
+    follower.record(RequestSignal("batch", "awq", False, 0.1, None, None))  # a new one waits its turn
+    assert await follower.deliver() == 4
+    first, again, third, fourth = link.sent
+    assert first == again == third != fourth  # the same batch id until acknowledged
+    window = rollout.window("batch", rollout.config.tiers["batch"], 0.0)
+    assert (window.candidate_requests, window.candidate_errors) == (4, 1)  # each signal judged once
+
+
+async def test_a_replica_takes_the_controllers_weights_and_starts_at_zero(tmp_path: Path) -> None:
+    rollout = Rollout(config(tmp_path), Clock())
+    core = replica(rollout)
+    assert core.follower.weight(core.config, "batch") == 0.0  # until the controller answered
+    snapshot = await core.follower.sync(0)
+    core.follower.follow(snapshot["weights"], core.config)
+    assert core.follower.weight(core.config, "batch") == rollout.weights()["batch"] > 0
+    labels = {"tier": "batch", "candidate": "awq"}
+    assert metric_sample(core.metrics, "ray_serving_canary_weight_percent", labels) == rollout.weights()["batch"]

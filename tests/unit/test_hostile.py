@@ -180,7 +180,7 @@ async def test_repeated_feedback_on_one_response_counts_once(client: httpx.Async
         assert (again.status_code, again.json()["error"]["code"]) == (409, "duplicate")
     labels = {"variant": "fp16", "tier": "premium", "kind": "feedback"}
     assert metric_sample(core.metrics, "ray_serving_overrides_total", labels) == 1
-    assert [s for s in core.signals if isinstance(s, FeedbackSignal)] == [
+    assert [s for s in core.follower.signals if isinstance(s, FeedbackSignal)] == [
         FeedbackSignal("premium", "fp16", True, response_id)
     ]
 
@@ -232,7 +232,7 @@ async def test_a_stream_cut_by_an_engine_failure_ends_with_an_error_event_and_is
     labels = {"variant": "fp16", "tier": "premium", "role": "primary", "outcome": "error"}
     assert metric_sample(core.metrics, "ray_serving_requests_total", labels) == 1
     assert metric_sample(core.metrics, "ray_serving_requests_total", {**labels, "outcome": "ok"}) is None
-    (signal,) = [s for s in core.signals if isinstance(s, RequestSignal)]
+    (signal,) = [s for s in core.follower.signals if isinstance(s, RequestSignal)]
     assert signal.ok is False  # the error-rate check sees it
 
 

@@ -168,7 +168,7 @@ async def test_applying_a_config_changes_routing_in_place(core: RouterCore, clie
 
 
 async def test_the_router_follows_the_controller_weights(client: httpx.AsyncClient, core: RouterCore) -> None:
-    core.follow_rollout({"premium": 0.0, "standard": 50.0, "batch": 0.0})
+    core.follower.follow({"premium": 0.0, "standard": 50.0, "batch": 0.0}, core.config)
     served = {
         (await client.post("/v1/chat/completions", json={**CHAT, "user": f"u{i}"}, headers=key("demo-batch"))).headers[
             "x-served-variant"
@@ -186,10 +186,11 @@ async def test_the_router_follows_the_controller_weights(client: httpx.AsyncClie
 async def test_admin_rollout_needs_an_admin_key(client: httpx.AsyncClient, core: RouterCore) -> None:
     assert (await client.get("/admin/rollout", headers=key("demo-batch"))).status_code == 403
 
-    async def status() -> dict[str, object]:
-        return {"tiers": {}}
+    class Controller:
+        async def status(self) -> dict[str, object]:
+            return {"tiers": {}}
 
-    core.rollout_status = status
+    core.follower.controller = Controller()  # type: ignore[assignment]
     answer = await client.get("/admin/rollout", headers=key("demo-admin"))
     assert answer.status_code == 200
     assert set(answer.json()) == {"tiers", "router"}
