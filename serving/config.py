@@ -235,6 +235,9 @@ class RollbackConfig(Strict):
     max_score_drift: float = Field(0.05, ge=0, description="mean |delta log-prob| per token above the floor")
     max_override_rate_delta: float = Field(0.05, ge=0, le=1, description="candidate minus baseline")
     state_file: Path = Field(Path("rollout-state.json"), description="where rollbacks are persisted")
+    window_save_s: float = Field(
+        5.0, gt=0, description="how often the window of signals is saved beside the state file (restarts resume it)"
+    )
 
 
 class ServerConfig(Strict):

@@ -33,6 +33,7 @@ NAMESPACE = "serving"
 CONTROLLER_NAME = "serving-rollout-controller"
 MAX_HISTORY = 50
 MAX_BATCHES = 100_000  # batch ids of delivered signals, to drop a batch a router sent again
+MAX_SAVED_BATCHES = 1_000  # enough for the batches of every router since the last save
 MAX_VOTES = 1_000_000  # response ids that had feedback; ~100 MB at worst, far more than one tier's votes a day
 
 
@@ -84,6 +85,8 @@ class Rollout:
         self.latest: dict[str, list[dict[str, Any]]] = {}
         self.votes: OrderedDict[str, float] = OrderedDict()  # response id -> when its vote was taken
         self.batches: OrderedDict[str, None] = OrderedDict()  # signal batches taken (serving.rollout.follower)
+        self.window_saved_at = self.clock()
+        self.resume_window()
         self.apply_tiers(config, first=True)
 
     # -- config -------------------------------------------------------------------------------------
@@ -204,6 +207,38 @@ class Rollout:
         if response_id in self.votes:
             return False
         self.votes[response_id] = now
+        return True
+
+    # -- the window across restarts ------------------------------------------------------------------
+    def resume_window(self) -> None:
+        """Takes back the signals a previous run of the controller saved, those still inside the window,
+        and the ids of the batches they came in (a router sending one again is not counted twice)."""
+        saved = store.load_window(store.window_path(self.config.rollback.state_file))
+        horizon = self.clock() - self.config.rollback.window_s
+        try:
+            events = [(float(at), signals.from_json(e)) for at, e in saved.get("events", []) if at >= horizon]
+        except (TypeError, KeyError, ValueError) as exc:
+            logger.warning("the saved window of signals is not readable (%r); judging a fresh window", exc)
+            return
+        self.events.extend((at, e) for at, e in events if e.version == signals.VERSION)
+        self.batches.update((batch, None) for batch in saved.get("batches", []))
+        if events:
+            logger.info("resumed a window of %d signals", len(self.events))
+
+    def save_window(self, *, force: bool = False) -> bool:
+        """Saves the window every `window_save_s` at most: a crash loses at most that much of it."""
+        now = self.clock()
+        if not force and now - self.window_saved_at < self.config.rollback.window_save_s:
+            return False
+        window = {
+            "events": [(at, signals.to_json(e)) for at, e in self.events],
+            "batches": list(self.batches)[-MAX_SAVED_BATCHES:],
+        }
+        try:
+            store.save_window(store.window_path(self.config.rollback.state_file), window)
+        except OSError:
+            logger.exception("could not save the window of signals; a restart would judge a fresh one")
+        self.window_saved_at = now
         return True
 
     def window(self, name: str, tier: TierConfig, since: float) -> checks.Window:
@@ -471,6 +506,7 @@ class RolloutController:
             try:
                 if self.rollout.config.rollback.enabled:
                     self.rollout.evaluate()
+                    self.rollout.save_window()
                 self.metrics.last_evaluation.set(time.time())  # what the controller-not-judging alert reads
             except Exception:
                 logger.exception("rollout evaluation failed")
