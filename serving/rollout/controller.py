@@ -323,7 +323,7 @@ class Rollout:
         now = self.clock()
         if "paused" in record or "fail_safe" in self.state:
             return
-        if now - record.get("step_at", now) < tier.progression.interval_s:
+        if now - record.get("step_at", record.get("since", 0.0)) < tier.progression.interval_s:
             return
         if not any(v.check == "error_rate" and v.value is not None for v in verdicts):
             return
@@ -478,7 +478,10 @@ class Rollout:
         after = (
             100.0 if before >= progression.max_weight else min(progression.max_weight, before + progression.step_weight)
         )
-        return {"weight": round(after, 3), "at": record.get("step_at", self.clock()) + progression.interval_s}
+        return {
+            "weight": round(after, 3),
+            "at": record.get("step_at", record.get("since", 0.0)) + progression.interval_s,
+        }
 
 
 @ray.remote(num_cpus=0)
