@@ -72,16 +72,26 @@ def check(status: dict[str, Any], tier: str, name: str) -> dict[str, Any]:
     return found
 
 
-def kill_replica(deployment: str) -> None:
-    """Kills one replica of a Serve deployment of the stack's application through Ray's API (by its
-    actor handle, never by process name); Serve starts a new one."""
+def replicas(deployment: str) -> set[tuple[str, str]]:
+    """The live replicas of a Serve deployment of the stack's application, as (namespace, actor name):
+    from Ray's named-actor registry (the state API needs the dashboard, which the stack does not run)."""
     import ray
-    from ray.util.state import list_actors
 
-    (replica, *_) = list_actors(
-        filters=[("class_name", "=", f"ServeReplica:serving:{deployment}"), ("state", "=", "ALIVE")]
-    )
-    ray.kill(ray.get_actor(replica.name, namespace=replica.ray_namespace), no_restart=False)
+    prefix = f"SERVE_REPLICA::serving#{deployment}#"
+    return {
+        (actor["namespace"], actor["name"])
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["name"].startswith(prefix)
+    }
+
+
+def kill_replica(deployment: str) -> None:
+    """Kills one replica of a deployment through Ray's API (by its actor handle, never by process name);
+    Serve starts a new one."""
+    import ray
+
+    namespace, name = sorted(replicas(deployment))[0]
+    ray.kill(ray.get_actor(name, namespace=namespace), no_restart=False)
 
 
 def kill_controller() -> None:
@@ -272,15 +282,11 @@ def test_rollout_status_and_the_state_file_show_the_rollback(stack: Stack, judge
 
 
 def test_a_router_replica_restart_does_not_bring_the_weight_back(judged: Judged) -> None:
-    from ray.util.state import list_actors
-
-    def routers() -> set[str]:
-        alive = list_actors(filters=[("class_name", "=", "ServeReplica:serving:Router"), ("state", "=", "ALIVE")])
-        return {a.name for a in alive}
-
-    before = routers()
+    before = replicas("Router")
     kill_replica("Router")
-    wait_until(lambda: len(routers()) == len(before) and routers() != before, 180, "a new router replica")
+    wait_until(
+        lambda: len(replicas("Router")) == len(before) != 0 and replicas("Router") != before, 180, "a new router"
+    )
     wait_until(lambda: httpx.get(f"{BASE}/ready", timeout=30).status_code == 200, 120, "the stack ready")
     assert rollout()["tiers"]["batch"]["live_weight"] == 0.0
     assert batch_variants(range(20)) == {"int8"}
