@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from serving.config import Config, KeyConfig, hash_key, load_config
+from tests.polling import poll_until
 
 REPO = Path(__file__).resolve().parents[2]
 PORT = 18_321
@@ -83,18 +84,41 @@ def write_config(
 
 
 def apply_config(stack: Stack, **settings: float | bool) -> subprocess.CompletedProcess[str]:
-    """Edits the config file, applies it with the documented command, and waits until the router runs it."""
+    """Writes the config file with these settings (`write_config`'s defaults for the rest), applies it with the
+    documented command, and waits until the router runs it."""
     write_config(stack.config, stack.family, **settings)  # type: ignore[arg-type]
     done = subprocess.run(
         [sys.executable, "-m", "serving.cli", "apply", str(stack.config)], capture_output=True, text=True, check=False
     )
     if done.returncode == 0:
         version = int(done.stdout.split("config version ")[1].split(";")[0])
-        deadline = time.monotonic() + 30
-        while httpx.get(f"{BASE}/health", timeout=5).json()["config_version"] < version:
-            assert time.monotonic() < deadline, "the router did not take the applied config within 30 s"
-            time.sleep(0.2)
+        poll_until(
+            lambda: httpx.get(f"{BASE}/health", timeout=5).json()["config_version"] >= version,
+            f"the router to run config version {version}",
+            interval_s=0.2,
+        )
     return done
+
+
+Configure = Callable[..., None]
+
+
+@pytest.fixture
+def configure(stack: Stack) -> Iterator[Configure]:
+    """Applies settings to the session's stack for one test (`apply_config`'s keywords), and after the test,
+    whatever its outcome, the stack's starting config again: no test sees settings another test left."""
+    changed = False
+
+    def apply(**settings: float | bool) -> None:
+        nonlocal changed
+        changed = True
+        done = apply_config(stack, **settings)
+        assert done.returncode == 0, done.stderr
+
+    yield apply
+    if changed:
+        restored = apply_config(stack)
+        assert restored.returncode == 0, restored.stderr
 
 
 def wait_for_http(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> None:
