@@ -14,7 +14,8 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import BASE, METRICS_PORT, ROUTER_REPLICAS, Stack, apply_config, wait_for_http
+from tests.integration.conftest import BASE, METRICS_PORT, ROUTER_REPLICAS, Configure, Stack, wait_for_http
+from tests.polling import poll_until
 
 pytestmark = pytest.mark.integration
 
@@ -81,8 +82,8 @@ def query(url: str, promql: str) -> list[dict[str, object]]:
     return result
 
 
-def test_prometheus_scrapes_every_metric_of_the_contract(stack: Stack, prometheus: str) -> None:
-    assert apply_config(stack, shadow_rate=1.0).returncode == 0
+def test_prometheus_scrapes_every_metric_of_the_contract(stack: Stack, prometheus: str, configure: Configure) -> None:
+    configure(shadow_rate=1.0)  # every answer shadowed; the `configure` fixture restores the starting config after
     batch = openai.OpenAI(base_url=f"{BASE}/v1", api_key="demo-batch", max_retries=0, timeout=120)
     for i in range(8):
         batch.chat.completions.create(
@@ -110,12 +111,10 @@ def test_prometheus_scrapes_every_metric_of_the_contract(stack: Stack, prometheu
         headers={"authorization": "Bearer demo-admin"},
     ).raise_for_status()
 
-    missing = CONTRACT
-    deadline = time.monotonic() + 90
-    while missing and time.monotonic() < deadline:
-        time.sleep(2)
-        missing = [name for name in CONTRACT if not query(prometheus, name)]
-    assert missing == [], f"not scraped: {missing}"
+    def missing() -> list[str]:
+        return [name for name in CONTRACT if not query(prometheus, name)]
+
+    poll_until(lambda: not missing(), "every metric of the contract in Prometheus", timeout_s=90, interval_s=2)
     assert query(prometheus, 'up{job="serving"} == 1')
     kinds = {r["metric"]["kind"] for r in query(prometheus, "ray_serving_overrides_total")}  # type: ignore[index]
     assert kinds >= {"routing", "feedback"}
@@ -142,10 +141,8 @@ def test_every_request_is_counted_once_whichever_router_replica_served_it(stack:
         after = per_replica(prometheus, served)
         return {replica: after[replica] - before.get(replica, 0.0) for replica in after}
 
-    deadline = time.monotonic() + 30
-    while sum(counted().values()) < sent and time.monotonic() < deadline:
-        time.sleep(1)
-    time.sleep(3)  # nothing more arrives: no request is counted twice
+    poll_until(lambda: sum(counted().values()) >= sent, f"{sent} requests counted in Prometheus", interval_s=1)
+    time.sleep(3)  # a check that nothing more arrives (no request counted twice): an absence has no event to await
     by_replica = counted()
     assert sum(by_replica.values()) == sent, by_replica
     # Ray Serve spread the requests over the replicas (all 40 on one: about 1 in 2**39), and each one's

@@ -16,6 +16,7 @@ from serving.metrics import sample as metric_sample
 from serving.router import RouterCore, create_app
 from serving.tracing import make_tracer
 from serving.variants import FakeVariant
+from tests.polling import poll_until_async
 
 REPO = Path(__file__).resolve().parents[2]
 CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4}
@@ -257,8 +258,7 @@ async def test_shadows_are_shed_while_the_engines_are_busy_with_primaries() -> N
             )
             for i in range(4)
         ]
-        await asyncio.sleep(0.1)
-        assert core.loads["fp16"].now() == 4
+        await poll_until_async(lambda: core.loads["fp16"].now() == 4, "four primaries in flight on fp16")
         assert core.in_flight("fp16") > 3
         busy = await client.post(
             "/v1/chat/completions", json={**CHAT, "user": "b0"}, headers={"authorization": "Bearer demo-batch"}
@@ -268,7 +268,7 @@ async def test_shadows_are_shed_while_the_engines_are_busy_with_primaries() -> N
         for answer in await asyncio.gather(*premium):
             assert answer.status_code == 200
         assert core.loads["fp16"].now() == 0
-        await asyncio.sleep(0.5)  # ten memories later: idle
+        await poll_until_async(lambda: core.in_flight("fp16") < 1, "fp16 idle again, on average too")
         idle = await client.post(
             "/v1/chat/completions", json={**CHAT, "user": "b1"}, headers={"authorization": "Bearer demo-batch"}
         )
