@@ -120,15 +120,50 @@ def _rollout_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def rollout_table(status: dict[str, Any]) -> str:
-    """The rollout status as a table a person reads: one row per tier, then each tier's rollbacks."""
-    rows = [("TIER", "PHASE", "BASELINE", "CANDIDATE", "WEIGHT", "LIVE", "FAILING / LATEST CHECKS")]
+def _rollout_operate(args: argparse.Namespace) -> int:
+    """pause, resume or abort one tier's rollout, through the controller, recorded with who asked."""
+    import getpass
+    import socket
+
+    import ray
+
+    from serving.launch import connect
+
+    by = f"{getpass.getuser()}@{socket.gethostname()}"
+    try:
+        tier = ray.get(connect().operate.remote(args.tier, args.rollout_command, by))
+    except ValueError as exc:  # Ray raises the controller's ValueError as one
+        print(f"error: {getattr(exc, 'cause', None) or exc}", file=sys.stderr)
+        return 1
+    print(
+        f"tier {args.tier}: {args.rollout_command} recorded (by {by}); phase {tier['phase']}, "
+        f"live weight {tier['live_weight']:g}%"
+    )
+    return 0
+
+
+def at(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def rollout_table(status: dict[str, Any], events: int = 10) -> str:
+    """The rollout status as a table a person reads: one row per tier, then each tier's last events."""
+    rows = [("TIER", "PHASE", "BASELINE", "CANDIDATE", "WEIGHT", "LIVE", "NEXT STEP", "CHECKS (! failed)")]
     for name, tier in sorted(status["tiers"].items()):
-        checks = ", ".join(
+        judged = ", ".join(
             f"{c['check']}={c['value']:.3f}{'!' if c['failed'] else ''} (max {c['threshold']:g}, n={c['samples']})"
             for c in tier["checks"]
             if c["value"] is not None
         )
+        waiting = ", ".join(f"{c['check']} n={c['samples']}" for c in tier["checks"] if c["value"] is None)
+        shown = "; ".join(part for part in (judged, f"too few samples: {waiting}" if waiting else "") if part)
+        step = tier.get("next_step")
+        if tier.get("paused"):
+            upcoming = f"paused by {tier['paused']['by']}"
+        elif step:
+            upcoming = f"{step['weight']:g}% at {at(step['at'])[11:]}"
+        else:
+            upcoming = "-"
         rows.append(
             (
                 name,
@@ -137,7 +172,8 @@ def rollout_table(status: dict[str, Any]) -> str:
                 tier["candidate"] or "-",
                 f"{tier['configured_weight']:g}",
                 f"{tier['live_weight']:g}",
-                checks or "(too few samples yet)",
+                upcoming,
+                shown or "(not judged yet)",
             )
         )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]) - 1)]
@@ -148,16 +184,23 @@ def rollout_table(status: dict[str, Any]) -> str:
     if status.get("fail_safe"):
         lines.append(f"FAIL-SAFE: {status['fail_safe']}")
     for name, tier in sorted(status["tiers"].items()):
-        for event in tier["history"]:
-            when = datetime.fromtimestamp(event["at"], UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-            why = "; ".join(
-                f"{r} {event['values'][r]:.4f} > {event['thresholds'][r]} (n={event['samples'][r]})"
-                for r in event["reasons"]
-            )
-            lines.append(
-                f"rolled back: {when} tier {name}: {event['candidate']} {event['weight_before']:g}% -> 0: {why}"
-            )
+        for event in tier["history"][-events:]:
+            lines.append(describe_event(name, event))
     return "\n".join(lines)
+
+
+def describe_event(tier: str, event: dict[str, Any]) -> str:
+    kind = event.get("kind", "rollback")  # state files from before kinds were recorded hold rollbacks only
+    head = f"{at(event['at'])} tier {tier}: {event['candidate']}"
+    if kind == "rollback":
+        why = "; ".join(
+            f"{r} {event['values'][r]:.4f} > {event['thresholds'][r]} (n={event['samples'][r]})"
+            for r in event["reasons"]
+        )
+        return f"rolled back: {head} {event['weight_before']:g}% -> 0: {why}"
+    if kind in ("step", "promoted"):
+        return f"{kind}: {head} {event['weight_before']:g}% -> {event['weight_after']:g}%"
+    return f"{kind}: {head} at {event['weight_before']:g}% by {event['by']}"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -207,11 +250,21 @@ def parser() -> argparse.ArgumentParser:
     apply = commands.add_parser("apply", help="apply a changed config file to the running stack, in place")
     apply.add_argument("config", type=Path, help="the config file")
     apply.set_defaults(func=_apply)
-    rollout = commands.add_parser("rollout", help="the rollout controller: phases, live weights, rollbacks")
+    rollout = commands.add_parser(
+        "rollout", help="the rollout controller: phases, live weights, rollbacks; pause, resume, abort"
+    )
     rollout_commands = rollout.add_subparsers(dest="rollout_command", metavar="ACTION", required=True)
     status = rollout_commands.add_parser("status", help="print each tier's phase, weights, checks and rollbacks")
     status.add_argument("--json", action="store_true", help="print the whole status as JSON")
     status.set_defaults(func=_rollout_status)
+    for verb, what in (
+        ("pause", "hold a progressing tier at its live weight (checks still roll back)"),
+        ("resume", "let a paused tier step again, a whole interval from now"),
+        ("abort", "roll a tier's candidate back now (weight 0); an apply that changes the tier re-enables it"),
+    ):
+        operate = rollout_commands.add_parser(verb, help=what)
+        operate.add_argument("tier", help="the tier's name in the config")
+        operate.set_defaults(func=_rollout_operate)
     check = commands.add_parser("check", help="validate a config file without applying it")
     check.add_argument("config", type=Path, help="the config file")
     check.set_defaults(func=_check)

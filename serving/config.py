@@ -120,12 +120,32 @@ class ShadowConfig(Strict):
     rate: float = Field(ge=0.0, le=1.0, description="fraction of the tier's requests mirrored")
 
 
+class ProgressionConfig(Strict):
+    """Progressive promotion: the tier's `weight` is where the candidate starts; each `interval_s` in
+    which every check passed raises its live weight by `step_weight`, up to `max_weight`; one more
+    passing interval there promotes it (weight 100). A failed check rolls back at any step."""
+
+    step_weight: float = Field(gt=0, le=100, description="percent added to the live weight per passing interval")
+    max_weight: float = Field(50.0, gt=0, le=100, description="the last step's weight before promotion")
+    interval_s: float = Field(gt=0, description="seconds every check must pass before the next step")
+
+    @model_validator(mode="after")
+    def _resolution(self) -> Self:
+        for name in ("step_weight", "max_weight"):
+            if round(getattr(self, name), 3) != getattr(self, name):
+                raise ValueError(f"{name} has a resolution of 0.001 percent; round it to 3 decimals")
+        return self
+
+
 class TierConfig(Strict):
     baseline: Name = Field(description="the variant that answers unless the canary picks the candidate")
     candidate: Name | None = Field(None, description="the variant under canary, if any")
-    weight: float = Field(0.0, ge=0.0, le=100.0, description="percent of users sent to the candidate")
+    weight: float = Field(
+        0.0, ge=0.0, le=100.0, description="percent of users sent to the candidate (with progression: the start)"
+    )
     shadow: ShadowConfig | None = None
     forbid: tuple[Precision, ...] = Field((), description="precisions this tier's traffic may never reach")
+    progression: ProgressionConfig | None = Field(None, description="step the weight up while checks pass")
 
     @model_validator(mode="after")
     def _weight_needs_candidate(self) -> Self:
@@ -133,6 +153,14 @@ class TierConfig(Strict):
             raise ValueError("weight is above 0 but the tier has no candidate")
         if round(self.weight, 3) != self.weight:
             raise ValueError("weight has a resolution of 0.001 percent; round it to 3 decimals")
+        if self.progression is not None:
+            if self.candidate is None:
+                raise ValueError("progression needs a candidate")
+            if self.weight > self.progression.max_weight:
+                raise ValueError(
+                    f"weight ({self.weight:g}) is the progression's start; it exceeds max_weight "
+                    f"({self.progression.max_weight:g})"
+                )
         return self
 
 
@@ -207,6 +235,9 @@ class RollbackConfig(Strict):
     max_score_drift: float = Field(0.05, ge=0, description="mean |delta log-prob| per token above the floor")
     max_override_rate_delta: float = Field(0.05, ge=0, le=1, description="candidate minus baseline")
     state_file: Path = Field(Path("rollout-state.json"), description="where rollbacks are persisted")
+    window_save_s: float = Field(
+        5.0, gt=0, description="how often the window of signals is saved beside the state file (restarts resume it)"
+    )
 
 
 class ServerConfig(Strict):

@@ -33,6 +33,7 @@ NAMESPACE = "serving"
 CONTROLLER_NAME = "serving-rollout-controller"
 MAX_HISTORY = 50
 MAX_BATCHES = 100_000  # batch ids of delivered signals, to drop a batch a router sent again
+MAX_SAVED_BATCHES = 1_000  # enough for the batches of every router since the last save
 MAX_VOTES = 1_000_000  # response ids that had feedback; ~100 MB at worst, far more than one tier's votes a day
 
 
@@ -84,6 +85,8 @@ class Rollout:
         self.latest: dict[str, list[dict[str, Any]]] = {}
         self.votes: OrderedDict[str, float] = OrderedDict()  # response id -> when its vote was taken
         self.batches: OrderedDict[str, None] = OrderedDict()  # signal batches taken (serving.rollout.follower)
+        self.window_saved_at = self.clock()
+        self.resume_window()
         self.apply_tiers(config, first=True)
 
     # -- config -------------------------------------------------------------------------------------
@@ -107,14 +110,16 @@ class Rollout:
             phase = Phase(record["phase"])
             enables = tier.candidate is not None and tier.weight > 0
             changed = record.get("tier_hash") != tier_hash(tier)
-            if phase is Phase.ROLLED_BACK and changed and enables and not first:
+            if not changed:
+                event = None  # the same tier config again (a re-apply, a redeploy) changes nothing
+            elif phase is Phase.ROLLED_BACK and enables and not first:
                 event = Event.OPERATOR_REENABLES
-            elif phase is Phase.ROLLED_BACK and changed and first:
+            elif phase is Phase.ROLLED_BACK and first:
                 # A redeploy with a changed tier config is as deliberate as an apply.
                 event = Event.OPERATOR_REENABLES if enables else Event.CONFIG_DISABLES
             else:
                 event = Event.CONFIG_ENABLES if enables else Event.CONFIG_DISABLES
-            new_phase = next_phase(phase, event)
+            new_phase = phase if event is None else next_phase(phase, event)
             if new_phase is Phase.PROGRESSING and tier.weight >= 100:
                 new_phase = next_phase(new_phase, Event.FULLY_PROMOTED)
             if new_phase is not Phase.ROLLED_BACK:
@@ -123,6 +128,9 @@ class Rollout:
                 changed = False  # a rolled-back tier keeps judging nothing until it is re-enabled
             if new_phase is not phase or changed:
                 record["since"] = self.clock()  # judge only what happened under this tier config
+                # A progression starts again from the config's weight; an operator's pause ends.
+                record["live_weight"], record["step_at"] = tier.weight, self.clock()
+                record.pop("paused", None)
             if new_phase is not phase:
                 changes.append((name, tier, new_phase))
             record["phase"] = new_phase
@@ -153,8 +161,17 @@ class Rollout:
         for name, tier in self.config.tiers.items():
             phase = Phase(self.state["tiers"][name]["phase"])
             held = phase is Phase.ROLLED_BACK or "fail_safe" in self.state
-            live[name] = 0.0 if held else tier.weight
+            live[name] = 0.0 if held else self.live_weight(name, tier)
         return live
+
+    def live_weight(self, name: str, tier: TierConfig) -> float:
+        """The candidate's weight as its phase and progression make it (before a rollback or fail-safe hold)."""
+        if tier.progression is None:
+            return tier.weight
+        record = self.state["tiers"][name]
+        if Phase(record["phase"]) is Phase.PROMOTED:
+            return 100.0
+        return float(record.get("live_weight", tier.weight))
 
     # -- signals ------------------------------------------------------------------------------------
     def report(self, events: list[Signal], batch: str | None = None) -> None:
@@ -190,6 +207,38 @@ class Rollout:
         if response_id in self.votes:
             return False
         self.votes[response_id] = now
+        return True
+
+    # -- the window across restarts ------------------------------------------------------------------
+    def resume_window(self) -> None:
+        """Takes back the signals a previous run of the controller saved, those still inside the window,
+        and the ids of the batches they came in (a router sending one again is not counted twice)."""
+        saved = store.load_window(store.window_path(self.config.rollback.state_file))
+        horizon = self.clock() - self.config.rollback.window_s
+        try:
+            events = [(float(at), signals.from_json(e)) for at, e in saved.get("events", []) if at >= horizon]
+        except (TypeError, KeyError, ValueError) as exc:
+            logger.warning("the saved window of signals is not readable (%r); judging a fresh window", exc)
+            return
+        self.events.extend((at, e) for at, e in events if e.version == signals.VERSION)
+        self.batches.update((batch, None) for batch in saved.get("batches", []))
+        if events:
+            logger.info("resumed a window of %d signals", len(self.events))
+
+    def save_window(self, *, force: bool = False) -> bool:
+        """Saves the window every `window_save_s` at most: a crash loses at most that much of it."""
+        now = self.clock()
+        if not force and now - self.window_saved_at < self.config.rollback.window_save_s:
+            return False
+        window = {
+            "events": [(at, signals.to_json(e)) for at, e in self.events],
+            "batches": list(self.batches)[-MAX_SAVED_BATCHES:],
+        }
+        try:
+            store.save_window(store.window_path(self.config.rollback.state_file), window)
+        except OSError:
+            logger.exception("could not save the window of signals; a restart would judge a fresh one")
+        self.window_saved_at = now
         return True
 
     def window(self, name: str, tier: TierConfig, since: float) -> checks.Window:
@@ -262,7 +311,94 @@ class Rollout:
             if failed:
                 self.roll_back(name, tier, failed)
                 tripped.append(name)
+            elif tier.progression is not None and Phase(record["phase"]) is Phase.PROGRESSING:
+                self.progress(name, tier, verdicts)
         return tripped
+
+    def progress(self, name: str, tier: TierConfig, verdicts: list[checks.Verdict]) -> None:
+        """One step of a progression, once a whole interval passed since the last with no check failing
+        and with enough candidate requests in the window to judge its error rate (no evidence is no pass)."""
+        assert tier.progression is not None
+        record = self.state["tiers"][name]
+        now = self.clock()
+        if "paused" in record or "fail_safe" in self.state:
+            return
+        if now - record.get("step_at", record.get("since", 0.0)) < tier.progression.interval_s:
+            return
+        if not any(v.check == "error_rate" and v.value is not None for v in verdicts):
+            return
+        before = self.live_weight(name, tier)
+        state = copy.deepcopy(self.state)
+        changed = state["tiers"][name]
+        if before >= tier.progression.max_weight:
+            changed["phase"] = next_phase(Phase.PROGRESSING, Event.FULLY_PROMOTED)
+            after = 100.0
+        else:
+            after = min(tier.progression.max_weight, round(before + tier.progression.step_weight, 3))
+            changed["live_weight"] = after
+        changed["step_at"] = now
+        kind = "promoted" if after == 100.0 else "step"
+        event = {"at": now, "kind": kind, "by": "controller", "candidate": tier.candidate}
+        changed["history"] = [*changed.get("history", []), {**event, "weight_before": before, "weight_after": after}]
+        changed["history"] = changed["history"][-MAX_HISTORY:]
+        try:
+            store.save_state(self.config.rollback.state_file, state)
+        except OSError:  # a higher weight is not the safe side: no step that a restart would forget
+            logger.exception("could not save a progression step of tier %s; it is tried again", name)
+            return
+        self.state = state
+        self.publish_state()
+        if kind == "promoted":
+            self.metrics.promotions.labels(name).inc()
+            emit_event("Normal", "Promoted", name, f"{tier.candidate} {before:g}% -> 100% after every check passed")
+        else:
+            emit_event("Normal", "Progressing", name, f"{tier.candidate} {before:g}% -> {after:g}%")
+
+    def operate(self, name: str, action: str, by: str) -> dict[str, Any]:
+        """An operator's `pause`, `resume` or `abort` of a tier's rollout, recorded with who asked.
+        Paused: no further steps (checks still roll back). Aborted: rolled back now, as a failed check would."""
+        if name not in self.config.tiers:
+            raise ValueError(f"no tier {name!r}; the tiers are {', '.join(sorted(self.config.tiers))}")
+        tier = self.config.tiers[name]
+        state = copy.deepcopy(self.state)
+        record = state["tiers"][name]
+        phase = Phase(record["phase"])
+        now = self.clock()
+        if action == "pause":
+            if tier.progression is None or phase is not Phase.PROGRESSING:
+                raise ValueError(f"tier {name} is {phase} and not progressing by steps: there is nothing to pause")
+            if "paused" in record:
+                raise ValueError(f"tier {name} is already paused (by {record['paused']['by']})")
+            record["paused"] = {"by": by, "at": now}
+        elif action == "resume":
+            if "paused" not in record:
+                raise ValueError(f"tier {name} is not paused")
+            del record["paused"]
+            record["step_at"] = now  # a whole passing interval from now before the next step
+        elif action == "abort":
+            if phase not in (Phase.PROGRESSING, Phase.PROMOTED):
+                raise ValueError(f"tier {name} is {phase}: there is no live candidate to abort")
+            record["phase"] = next_phase(phase, Event.OPERATOR_ABORTS)
+            record.pop("paused", None)
+        else:
+            raise ValueError(f"unknown action {action!r}; pause, resume or abort")
+        weight = self.live_weight(name, tier)
+        event = {"at": now, "kind": action, "by": by, "candidate": tier.candidate, "weight_before": weight}
+        record["history"] = [*record.get("history", []), event][-MAX_HISTORY:]
+        try:
+            store.save_state(self.config.rollback.state_file, state)
+        except OSError:
+            if action != "abort":
+                raise
+            logger.exception("could not save the abort of tier %s; it holds until the controller restarts", name)
+        self.state = state
+        self.publish_state()
+        reason = {"pause": "Paused", "resume": "Resumed", "abort": "Aborted"}[action]
+        emit_event(
+            "Warning" if action == "abort" else "Normal", reason, name, f"{tier.candidate} at {weight:g}% by {by}"
+        )
+        status: dict[str, Any] = self.status()["tiers"][name]
+        return status
 
     def roll_back(self, name: str, tier: TierConfig, failed: list[checks.Verdict]) -> None:
         state = copy.deepcopy(self.state)
@@ -271,10 +407,12 @@ class Rollout:
         tripped_at = self.clock()
         event = {
             "at": tripped_at,
+            "kind": "rollback",
+            "by": "controller",
             "tier": name,
             "candidate": tier.candidate,
             "baseline": tier.baseline,
-            "weight_before": tier.weight,
+            "weight_before": self.live_weight(name, tier),
             "reasons": [v.check for v in failed],
             "values": {v.check: v.value for v in failed},
             "thresholds": {v.check: v.threshold for v in failed},
@@ -296,7 +434,7 @@ class Rollout:
         why = ", ".join(
             f"{v.check} {v.value:.4f} > {v.threshold} (n={v.samples})" for v in failed if v.value is not None
         )
-        emit_event("Warning", "RolledBack", name, f"{tier.candidate} {tier.weight:g}% -> 0: {why}")
+        emit_event("Warning", "RolledBack", name, f"{tier.candidate} {event['weight_before']:g}% -> 0: {why}")
 
     def snapshot(self, known_version: int) -> dict[str, Any]:
         return {
@@ -320,11 +458,29 @@ class Rollout:
                     "candidate": tier.candidate,
                     "configured_weight": tier.weight,
                     "live_weight": weights[name],
+                    "progression": tier.progression.model_dump() if tier.progression else None,
+                    "next_step": self.next_step(name, tier),
+                    "paused": self.state["tiers"][name].get("paused"),
                     "checks": self.latest.get(name, []),
                     "history": self.state["tiers"][name].get("history", []),
                 }
                 for name, tier in self.config.tiers.items()
             },
+        }
+
+    def next_step(self, name: str, tier: TierConfig) -> dict[str, float] | None:
+        """The weight of a progression's next step and the earliest time it may happen (if every check passes)."""
+        record = self.state["tiers"][name]
+        progression = tier.progression
+        if progression is None or Phase(record["phase"]) is not Phase.PROGRESSING or "paused" in record:
+            return None
+        before = self.live_weight(name, tier)
+        after = (
+            100.0 if before >= progression.max_weight else min(progression.max_weight, before + progression.step_weight)
+        )
+        return {
+            "weight": round(after, 3),
+            "at": record.get("step_at", record.get("since", 0.0)) + progression.interval_s,
         }
 
 
@@ -353,6 +509,7 @@ class RolloutController:
             try:
                 if self.rollout.config.rollback.enabled:
                     self.rollout.evaluate()
+                    self.rollout.save_window()
                 self.metrics.last_evaluation.set(time.time())  # what the controller-not-judging alert reads
             except Exception:
                 logger.exception("rollout evaluation failed")
@@ -370,6 +527,9 @@ class RolloutController:
 
     async def apply(self, config_json: str) -> int:
         return self.rollout.apply(Config.model_validate_json(config_json))
+
+    async def operate(self, tier: str, action: str, by: str) -> dict[str, Any]:
+        return self.rollout.operate(tier, action, by)
 
     async def status(self) -> dict[str, Any]:
         return self.rollout.status()

@@ -6,7 +6,8 @@ dropped instead of misreading them (routers and controller may briefly run diffe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 VERSION = 2
 
@@ -49,3 +50,18 @@ class FeedbackSignal:
 
 
 Signal = RequestSignal | ComparisonSignal | FeedbackSignal
+
+
+TYPES: dict[str, type[RequestSignal] | type[ComparisonSignal] | type[FeedbackSignal]] = {
+    cls.__name__: cls for cls in (RequestSignal, ComparisonSignal, FeedbackSignal)
+}
+
+
+def to_json(signal: Signal) -> dict[str, Any]:
+    """A signal as a JSON object (the controller saves its window with them)."""
+    return {"type": type(signal).__name__, **asdict(signal)}
+
+
+def from_json(data: dict[str, Any]) -> Signal:
+    fields = dict(data)
+    return TYPES[fields.pop("type")](**fields)

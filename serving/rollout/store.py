@@ -49,9 +49,36 @@ def quarantine(path: Path, error: str) -> dict[str, Any]:
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
+    write_durably(path, (json.dumps(state, indent=2, sort_keys=True) + "\n").encode())
+
+
+def window_path(state_file: Path) -> Path:
+    """Where the controller keeps its window of signals: next to the state file, apart from it, because it
+    is large, rewritten often and may be lost (a restart then judges a fresh window, nothing worse)."""
+    return state_file.with_name(state_file.name + ".window")
+
+
+def save_window(path: Path, window: dict[str, Any]) -> None:
+    write_durably(path, json.dumps(window, separators=(",", ":")).encode())
+
+
+def load_window(path: Path) -> dict[str, Any]:
+    """The saved window, or an empty one if there is none or it cannot be read (logged, never fatal)."""
+    if not path.is_file():
+        return {}
+    try:
+        window = json.loads(path.read_text())
+        if not isinstance(window, dict):
+            raise ValueError("not an object")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        logger.warning("the saved window of signals %s could not be read (%s); judging a fresh window", path, exc)
+        return {}
+    return window
+
+
+def write_durably(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = path.with_suffix(path.suffix + ".tmp")
-    data = (json.dumps(state, indent=2, sort_keys=True) + "\n").encode()
     # 0600: the state holds the secret that keys the sticky split.
     descriptor = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:

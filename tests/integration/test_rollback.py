@@ -1,19 +1,27 @@
-"""Automatic rollback on the real stack: the awq candidate of the batch tier trips on its quality
-signals and rolls back by itself, the int8 candidate of the standard tier does not, and the rollback
-survives a router restart and a controller restart."""
+"""Automatic rollback on the real stack, under mixed traffic on every tier, with the rollout controller
+killed once and the fp16 engine replica killed once in between (both through Ray's API, by handle): the
+awq candidate of the batch tier trips on its quality signals and rolls back by itself, the int8 candidate
+of the standard tier never does; the rollback reaches every router, is counted once and survives router
+and controller restarts. One run of traffic (the module's `judged` fixture) feeds the tests after it,
+one behaviour each; they run in file order, and the last ones restore the demo config."""
 
 from __future__ import annotations
 
-import os
-import signal
+import json
+import logging
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import openai
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import BASE, METRICS_URL, Stack, apply_config, served_variants
@@ -45,84 +53,214 @@ def exported(name: str, **labels: str) -> float:
     )
 
 
-def kill(process_title: str) -> None:
-    pids = subprocess.run(["pgrep", "-f", process_title], capture_output=True, text=True).stdout.split()
-    assert pids, f"no process {process_title!r}"
-    for pid in pids:
-        os.kill(int(pid), signal.SIGKILL)
-
-
-def wait_until(condition: Any, timeout_s: float, what: str) -> None:
+def wait_until(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """Polls until `condition()` is truthy and returns it; fails the test at the deadline."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if condition():
-                return
-        except (httpx.HTTPError, KeyError):
+            found = condition()
+            if found:
+                return found
+        except (httpx.HTTPError, KeyError, StopIteration, OSError):  # not there yet (a restart, a first save)
             pass
-        time.sleep(1)
+        time.sleep(0.5)
     pytest.fail(f"{what} did not happen within {timeout_s} s")
 
 
-def test_awq_rolls_back_by_itself_int8_does_not_and_it_stays_rolled_back(stack: Stack) -> None:
+def check(status: dict[str, Any], tier: str, name: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(c for c in status["tiers"][tier]["checks"] if c["check"] == name)
+    return found
+
+
+def kill_replica(deployment: str) -> None:
+    """Kills one replica of a Serve deployment of the stack's application through Ray's API (by its
+    actor handle, never by process name); Serve starts a new one."""
+    import ray
+    from ray.util.state import list_actors
+
+    (replica, *_) = list_actors(
+        filters=[("class_name", "=", f"ServeReplica:serving:{deployment}"), ("state", "=", "ALIVE")]
+    )
+    ray.kill(ray.get_actor(replica.name, namespace=replica.ray_namespace), no_restart=False)
+
+
+def kill_controller() -> None:
+    """Kills the rollout controller actor; Ray restarts it (max_restarts=-1), from its state file."""
+    import ray
+
+    from serving.rollout.controller import controller
+
+    ray.kill(controller(), no_restart=False)
+
+
+@dataclass
+class Traffic:
+    """Requests from every tier's key, from a thread, until stopped; failures (an engine restarting)
+    are counted, not raised. `paused` holds it while set."""
+
+    keys: tuple[str, ...] = ("demo-premium", "demo-standard", "demo-batch")
+    outcomes: Counter[int] = field(default_factory=Counter)
+    stop: threading.Event = field(default_factory=threading.Event)
+    paused: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        i = 0
+        with httpx.Client(base_url=BASE, timeout=120) as http:
+            while not self.stop.is_set():
+                if self.paused.is_set():
+                    self.stop.wait(0.1)
+                    continue
+                for key in self.keys:
+                    body = {
+                        "model": "demo-chat",
+                        "messages": [{"role": "user", "content": f"When in the Course {i}"}],
+                        "max_tokens": 16,
+                        "temperature": 0,
+                        "user": f"roll-{i}",
+                    }
+                    try:
+                        answer = http.post(
+                            "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"}
+                        )
+                        self.outcomes[answer.status_code] += 1
+                    except httpx.HTTPError:
+                        self.outcomes[0] += 1
+                i += 1
+
+
+@contextmanager
+def traffic(keys: tuple[str, ...] = Traffic.keys) -> Iterator[Traffic]:
+    running = Traffic(keys)
+    thread = threading.Thread(target=running.run, daemon=True)
+    thread.start()
+    try:
+        yield running
+    finally:
+        running.stop.set()
+        thread.join(timeout=150)
+
+
+def saved_comparisons(stack: Stack, tier: str, candidate: str) -> int:
+    """The comparisons of a tier's candidate in the controller's saved window, since its tier config
+    began (what its score_drift check counts)."""
+    folder = stack.config.parent
+    since = json.loads((folder / "rollout-state.json").read_text())["tiers"][tier]["since"]
+    window = json.loads((folder / "rollout-state.json.window").read_text())
+    return sum(
+        1
+        for at, e in window["events"]
+        if at >= since
+        and e["type"] == "ComparisonSignal"
+        and (e["tier"], e["primary"]) == (tier, candidate)
+        and e["pair"] != "noise_floor"
+        and e["drift"] is not None
+    )
+
+
+@dataclass
+class Judged:
+    status: dict[str, Any]  # when awq was rolled back and int8 judged
+    saved: int  # int8's comparisons saved in the window when the controller was killed
+    resumed: int  # those its restarted run judged first
+    outcomes: Counter[int]
+
+
+@pytest.fixture(scope="module")
+def ray_driver() -> Iterator[None]:
+    import ray
+
+    from serving.rollout.controller import NAMESPACE
+
+    ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def judged(stack: Stack, ray_driver: None) -> Judged:
     # A changed tier config starts a fresh judgement of both candidates, with rollback on.
     assert apply_config(stack, shadow_rate=1.0, rollback=True, batch_weight=50.5, standard_weight=50.5).returncode == 0
-    assert httpx.get(f"{BASE}/admin/rollout", headers={"authorization": "Bearer demo-batch"}).status_code == 403
+    with traffic() as running:
+        wait_until(lambda: check(rollout(), "standard", "score_drift")["samples"] >= 10, 300, "10 int8 comparisons")
+        # The controller is killed with its window saved: traffic holds until the save has every comparison
+        # it judged, so that what its restarted run judges first can be compared with what it had.
+        running.paused.set()
+        saved = wait_until(
+            lambda: (
+                (n := check(rollout(), "standard", "score_drift")["samples"])
+                and saved_comparisons(stack, "standard", "int8") >= n
+                and n
+            ),
+            60,
+            "the window saved",
+        )
+        kill_controller()
+        resumed = wait_until(
+            lambda: check(rollout(), "standard", "score_drift")["samples"],
+            120,
+            "a judgement by the restarted controller",
+        )
+        running.paused.clear()
+        kill_replica("variant-fp16")  # the baseline of premium and standard, and the shadows' target
+        status = wait_until(
+            lambda: (
+                (s := rollout())["tiers"]["batch"]["phase"] == "rolled_back"
+                and check(s, "standard", "score_drift")["value"] is not None
+                and httpx.get(f"{BASE}/ready", timeout=30).status_code == 200
+                and s
+            ),
+            420,
+            "awq rolled back, int8 judged and every engine back",
+        )
+    return Judged(status, saved, resumed, running.outcomes)
 
-    clients = {
-        key: openai.OpenAI(base_url=f"{BASE}/v1", api_key=key, max_retries=0, timeout=120)
-        for key in ("demo-batch", "demo-standard")
-    }
-    deadline = time.monotonic() + 420
-    i = 0
-    status = rollout()
-    while time.monotonic() < deadline:
-        for api in clients.values():
-            api.chat.completions.create(
-                model="demo-chat",
-                messages=[{"role": "user", "content": f"When in the Course {i}"}],
-                max_tokens=16,
-                temperature=0,
-                user=f"roll-{i}",
-            )
-        i += 1
-        if i % 10 == 0:
-            status = rollout()
-            standard_judged = any(
-                c["check"] == "score_drift" and c["value"] is not None for c in status["tiers"]["standard"]["checks"]
-            )
-            if status["tiers"]["batch"]["phase"] == "rolled_back" and standard_judged:
-                break
-        time.sleep(0.2)
-    batch, standard = status["tiers"]["batch"], status["tiers"]["standard"]
+
+def test_awq_on_batch_rolls_back_by_itself_on_its_quality_signals(judged: Judged) -> None:
+    batch = judged.status["tiers"]["batch"]
     assert batch["phase"] == "rolled_back", batch
     assert batch["live_weight"] == 0.0
     event = batch["history"][-1]
-    assert event["candidate"] == "awq"
+    assert (event["kind"], event["candidate"], event["by"]) == ("rollback", "awq", "controller")
     assert "score_drift" in event["reasons"]
     assert event["values"]["score_drift"] > event["thresholds"]["score_drift"]
-    # The int8 candidate was judged on enough samples and passed every check.
+
+
+def test_int8_on_standard_is_judged_and_never_rolled_back(judged: Judged) -> None:
+    standard = judged.status["tiers"]["standard"]
     assert standard["phase"] == "progressing", standard
     assert standard["live_weight"] == 50.5
-    drift = next(c for c in standard["checks"] if c["check"] == "score_drift")
-    assert drift["value"] is not None
+    assert check(judged.status, "standard", "score_drift")["value"] is not None
     assert not any(c["failed"] for c in standard["checks"])
+    assert not [e for e in standard["history"] if e.get("kind", "rollback") == "rollback"]
+    print(f"traffic outcomes across the kills: {dict(judged.outcomes)}")
+    assert judged.outcomes[200] > 0
 
-    # Weight 0 reached the router quickly after the failing evaluation.
-    delay = status["router"]["weights_changed_at"]["batch"] - event["at"]
-    print(
-        f"rollback: {event['reasons']} values {event['values']}; failing evaluation to router weight 0: "
-        f"{delay:.2f} s (judged every {status['interval_s']} s); standard checks: "
-        f"{[(c['check'], c['value']) for c in standard['checks']]}"
-    )
+
+def test_a_controller_killed_under_traffic_resumes_judging_its_window(judged: Judged) -> None:
+    assert judged.saved >= 10
+    assert judged.resumed >= judged.saved  # not a fresh window: where it was
+    assert check(judged.status, "standard", "score_drift")["samples"] > judged.resumed  # and signals kept coming
+
+
+def test_the_rollback_reaches_every_router_within_seconds(judged: Judged) -> None:
+    event = judged.status["tiers"]["batch"]["history"][-1]
+    delay = judged.status["router"]["weights_changed_at"]["batch"] - event["at"]
+    print(f"rollback: {event['reasons']} values {event['values']}; to router weight 0: {delay:.2f} s")
     assert delay < 10
     assert batch_variants(range(20)) == {"int8"}
-    # Counted once, by the controller, not once per router replica.
-    for reason in event["reasons"]:
-        wait_until(lambda r=reason: exported("ray_serving_rollbacks_total", tier="batch", reason=r) >= 1, 30, "export")
-        assert exported("ray_serving_rollbacks_total", tier="batch", reason=reason) == 1
 
-    # So does `serving rollout status`, as a table, and the state file.
+
+def test_the_rollback_is_counted_once_not_once_per_router_replica(judged: Judged) -> None:
+    reasons = judged.status["tiers"]["batch"]["history"][-1]["reasons"]
+
+    def counted() -> list[float]:
+        return [exported("ray_serving_rollbacks_total", tier="batch", reason=r) for r in reasons]
+
+    wait_until(lambda: all(counted()), 30, "the rollback exported")
+    assert counted() == [1] * len(reasons)
+
+
+def test_rollout_status_and_the_state_file_show_the_rollback(stack: Stack, judged: Judged) -> None:
     table = subprocess.run(
         [sys.executable, "-m", "serving.cli", "rollout", "status"], capture_output=True, text=True, check=True
     ).stdout
@@ -132,46 +270,87 @@ def test_awq_rolls_back_by_itself_int8_does_not_and_it_stays_rolled_back(stack: 
     assert '"rolled_back"' in state
     assert "score_drift" in state
 
-    # A router restart does not bring the weight back.
-    kill("ServeReplica:serving:Router")
-    wait_until(
-        lambda: httpx.get(f"{BASE}/health", timeout=5).status_code == 200 and rollout()["router"]["live_weights"],
-        180,
-        "the router restart",
-    )
+
+def test_a_router_replica_restart_does_not_bring_the_weight_back(judged: Judged) -> None:
+    from ray.util.state import list_actors
+
+    def routers() -> set[str]:
+        alive = list_actors(filters=[("class_name", "=", "ServeReplica:serving:Router"), ("state", "=", "ALIVE")])
+        return {a.name for a in alive}
+
+    before = routers()
+    kill_replica("Router")
+    wait_until(lambda: len(routers()) == len(before) and routers() != before, 180, "a new router replica")
+    wait_until(lambda: httpx.get(f"{BASE}/ready", timeout=30).status_code == 200, 120, "the stack ready")
     assert rollout()["tiers"]["batch"]["live_weight"] == 0.0
     assert batch_variants(range(20)) == {"int8"}
 
-    # Nor does a controller restart: it comes back from the state file.
-    kill("RolloutController")
-    time.sleep(3)
+
+def test_a_controller_restart_does_not_bring_the_weight_back(judged: Judged) -> None:
+    kill_controller()
     wait_until(lambda: rollout()["tiers"]["batch"]["phase"] == "rolled_back", 120, "the controller restart")
     assert rollout()["tiers"]["batch"]["live_weight"] == 0.0
     assert batch_variants(range(20)) == {"int8"}
 
-    # Re-applying the same config keeps it rolled back; an operator's changed tier config re-enables it.
+
+def test_the_same_config_keeps_it_rolled_back_a_changed_one_reenables_it(stack: Stack, judged: Judged) -> None:
     assert apply_config(stack, shadow_rate=1.0, rollback=True, batch_weight=50.5, standard_weight=50.5).returncode == 0
     assert rollout()["tiers"]["batch"]["live_weight"] == 0.0
-    assert apply_config(stack, batch_weight=50.0).returncode == 0
+    assert apply_config(stack, batch_weight=50.0).returncode == 0  # also restores the demo config
     assert rollout()["tiers"]["batch"]["phase"] == "progressing"
     assert "awq" in batch_variants(range(40))
 
 
-def test_routers_start_a_new_controller_when_theirs_died_for_good(stack: Stack) -> None:
+def test_routers_start_a_new_controller_when_theirs_died_for_good(stack: Stack, ray_driver: None) -> None:
     """A controller that Ray will not restart (as after a failure in its constructor): routers find, or
     start, a new one, which takes the last applied config from the state file."""
     import ray
 
-    from serving.rollout.controller import NAMESPACE, controller
+    from serving.rollout.controller import controller
 
     assert apply_config(stack, batch_weight=42.0).returncode == 0
     version = httpx.get(f"{BASE}/health", timeout=5).json()["config_version"]
-    ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False)
     try:
-        old = controller()
-        ray.kill(old, no_restart=True)
+        ray.kill(controller(), no_restart=True)
         wait_until(lambda: rollout()["config_version"] == version, 60, "a new controller")
         assert rollout()["tiers"]["batch"]["configured_weight"] == 42.0  # the applied config, not the deployed one
     finally:
-        ray.shutdown()
         apply_config(stack, batch_weight=50.0)  # restores the demo weight for the tests after this one
+
+
+def test_a_progression_steps_int8_up_to_promoted(stack: Stack, ray_driver: None) -> None:
+    """standard with `progression`: 25 % -> 50 % -> 75 % -> promoted while every check passes, each step
+    in `serving rollout status`, the promotion in the controller's metrics. Restores the demo config."""
+    data = yaml.safe_load(stack.config.read_text())
+    data["tiers"]["standard"].update(
+        weight=25.0, progression={"step_weight": 25.0, "max_weight": 75.0, "interval_s": 3.0}
+    )
+    data["tiers"]["batch"]["weight"] = 0.0  # awq is not judged here
+    data["rollback"]["enabled"] = True
+    progressive = stack.config.parent / "progression.yaml"
+    progressive.write_text(yaml.safe_dump(data))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "serving.cli", "apply", str(progressive)], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        assert rollout()["tiers"]["standard"]["live_weight"] == 25.0  # the config's weight is the start
+        with traffic(("demo-standard",)):
+            status = wait_until(
+                lambda: (s := rollout())["tiers"]["standard"]["phase"] == "promoted" and s, 300, "the promotion"
+            )
+        steps = [
+            (e["kind"], e["weight_before"], e["weight_after"])
+            for e in status["tiers"]["standard"]["history"]
+            if e["kind"] in ("step", "promoted")
+        ][-3:]
+        assert steps == [("step", 25.0, 50.0), ("step", 50.0, 75.0), ("promoted", 75.0, 100.0)]
+        assert status["tiers"]["standard"]["live_weight"] == 100.0
+        table = subprocess.run(
+            [sys.executable, "-m", "serving.cli", "rollout", "status"], capture_output=True, text=True, check=True
+        ).stdout
+        assert "int8 25% -> 50%" in table
+        assert "promoted: " in table
+        wait_until(lambda: exported("ray_serving_promotions_total", tier="standard") >= 1, 30, "the promotion counted")
+    finally:
+        assert apply_config(stack).returncode == 0  # the demo config: standard at 50 %, batch back at 50 %

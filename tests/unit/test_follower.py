@@ -13,7 +13,7 @@ from serving.metrics import Metrics
 from serving.metrics import sample as metric_sample
 from serving.rollout.controller import Rollout
 from serving.rollout.follower import Follower, LocalController
-from serving.rollout.signals import FeedbackSignal, RequestSignal, Signal
+from serving.rollout.signals import ComparisonSignal, FeedbackSignal, RequestSignal, Signal
 from serving.router import RouterCore, create_app
 from serving.variants import FakeVariant
 
@@ -143,3 +143,33 @@ async def test_a_replica_takes_the_controllers_weights_and_starts_at_zero(tmp_pa
     assert core.follower.weight(core.config, "batch") == rollout.weights()["batch"] > 0
     labels = {"tier": "batch", "candidate": "awq"}
     assert metric_sample(core.metrics, "ray_serving_canary_weight_percent", labels) == rollout.weights()["batch"]
+
+
+def test_a_restarted_controller_resumes_judging_the_saved_window(tmp_path: Path) -> None:
+    clock = Clock()
+    first = Rollout(config(tmp_path), clock)
+    first.report([ComparisonSignal("batch", "awq", "fp16", "candidate", True, 0.3) for _ in range(20)], "r1-1")
+    assert first.save_window() is False  # throttled: not due yet
+    clock.now += first.config.rollback.window_save_s
+    assert first.save_window() is True
+    first.report([ComparisonSignal("batch", "awq", "fp16", "candidate", True, 0.3) for _ in range(5)], "r1-2")
+    # The controller dies here: the last 5 were taken after the save and are lost with it.
+    again = Rollout(config(tmp_path), clock, restarted=True)
+    tier = again.config.tiers["batch"]
+    assert len(again.window("batch", tier, 0.0).drifts) == 20
+    again.report([ComparisonSignal("batch", "awq", "fp16", "candidate", True, 0.3) for _ in range(20)], "r1-1")
+    assert len(again.window("batch", tier, 0.0).drifts) == 20  # a batch sent again is not counted twice
+    again.report([ComparisonSignal("batch", "awq", "fp16", "candidate", True, 0.3) for _ in range(10)], "r1-3")
+    assert again.evaluate() == ["batch"]  # judged on the resumed window plus the new signals
+
+
+def test_saved_signals_older_than_the_window_or_a_damaged_file_give_a_fresh_window(tmp_path: Path) -> None:
+    clock = Clock()
+    first = Rollout(config(tmp_path), clock)
+    first.report([RequestSignal("batch", "awq", True, 0.1, 0.01, 0.001)])
+    first.save_window(force=True)
+    clock.now += first.config.rollback.window_s + 1
+    assert list(Rollout(config(tmp_path), clock, restarted=True).events) == []
+    window_file = tmp_path / "state.json.window"
+    window_file.write_text("{not json")
+    assert list(Rollout(config(tmp_path), Clock(), restarted=True).events) == []
