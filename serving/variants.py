@@ -8,7 +8,6 @@ object (or an `ErrorResponse`); for a streaming request batches of ready SSE str
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
 
@@ -130,26 +129,27 @@ class FakeVariant:
             "completion_tokens": answer_words,
             "total_tokens": len(prompt) + answer_words,
         }
-        if getattr(request, "stream", False):
+        if request.stream:
             import asyncio
 
+            from ray.serve.llm.openai_api_models import ChatCompletionStreamResponse, CompletionStreamResponse
+
+            chunk_model = ChatCompletionStreamResponse if endpoint == "chat" else CompletionStreamResponse
+            header = {"id": self.response_id(endpoint, request), "model": request.model}
             words = text.split(" ")
-            header = {
-                "id": self.response_id(endpoint, request),
-                "object": "chat.completion.chunk" if endpoint == "chat" else "text_completion",
-                "model": request.model,
-            }
             for start in range(0, len(words), self.words_per_chunk):
                 if start and self.chunk_delay_s:
                     await asyncio.sleep(self.chunk_delay_s)
                 piece = " ".join(words[start : start + self.words_per_chunk]) + " "
-                chunk = {**header, "choices": [{"index": 0, "delta": {"content": piece}, "text": piece}]}
-                yield [f"data: {json.dumps(chunk)}\n\n"]
+                part = {"index": 0, "delta": {"content": piece}} if endpoint == "chat" else {"index": 0, "text": piece}
+                chunk = chunk_model(**header, choices=[part])
+                yield [f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"]
                 if self.fail_midstream is not None:
                     raise self.fail_midstream
-            options = getattr(request, "stream_options", None)
+            options = request.stream_options
             if options is not None and options.include_usage:  # as vLLM: a last chunk, no choices
-                yield [f"data: {json.dumps({**header, 'choices': [], 'usage': usage})}\n\n"]
+                closing = chunk_model(**header, choices=[], usage=usage)
+                yield [f"data: {closing.model_dump_json(exclude_unset=True)}\n\n"]
             return
         extra: dict[str, Any] = {"id": self.response_id(endpoint, request), "model": request.model, "usage": usage}
         if getattr(request, "prompt_logprobs", None) is not None:
