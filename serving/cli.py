@@ -102,13 +102,54 @@ def _apply(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from serving.config import load_config
+    from serving.release.policy import enforce
 
     config = load_config(args.config)
+    enforce(config, args.config)  # serve and apply refuse the same (serving.launch)
     print(f"{args.config}: valid ({len(config.variants)} variants, {len(config.tiers)} tiers, {len(config.keys)} keys)")
     for name, variant in config.variants.items():
         # Nothing is downloaded here: a hub model is fetched by each engine's node when it starts.
         where = f"hub {variant.hub} (not checked here)" if variant.hub else f"folder {variant.path}"
         print(f"  {name:6} {variant.precision:5} {where}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from serving.config import GateConfig, load_config
+    from serving.evaluate import EvaluateError, evaluate, sign_off
+
+    gate = load_config(args.config).gate if args.config else GateConfig()
+    try:
+        done = evaluate(args.candidate, args.baseline, args.eval_set, args.out, gate, record=not args.no_record)
+    except EvaluateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    failing = [c for c in done.report["verdict"]["checks"] if not c["passed"]]
+    why = "; ".join(f"{c['name']} {c['value']:.4g} ({c['kind']} {c['threshold']:g})" for c in failing)
+    print(f"verdict: {'PASS' if done.passed else 'FAIL'}{': ' + why if why else ''}")
+    print(f"report: {done.markdown_path} (plots beside it), {done.json_path} sha256 {done.digest[:16]}")
+    if args.no_record:
+        print("not recorded in the manifest (--no-record)")
+    else:
+        print(f"recorded in {args.candidate / 'provenance.json'}")
+    if args.sign_off and not args.no_record:
+        if not done.passed:
+            print(f"no sign-off recorded for {args.sign_off}: the gate failed", file=sys.stderr)
+        else:
+            sign_off(args.candidate, args.sign_off, args.baseline)
+            print(f"signed off by {args.sign_off}")
+    return 0 if done.passed else 1
+
+
+def _sign_off(args: argparse.Namespace) -> int:
+    from serving.evaluate import EvaluateError, sign_off
+
+    try:
+        gate = sign_off(args.candidate, args.by, args.baseline)
+    except EvaluateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"signed off by {args.by}: {args.candidate} against {gate['baseline']['variant']} ({gate['report']['path']})")
     return 0
 
 
@@ -161,6 +202,7 @@ def rollout_table(status: dict[str, Any]) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
+    from serving.evals import DEMO_SET
     from serving.models.build import REPO_ROOT
     from serving.models.family import DEFAULT, FAMILIES
 
@@ -212,6 +254,26 @@ def parser() -> argparse.ArgumentParser:
     status = rollout_commands.add_parser("status", help="print each tier's phase, weights, checks and rollbacks")
     status.add_argument("--json", action="store_true", help="print the whole status as JSON")
     status.set_defaults(func=_rollout_status)
+    evaluate = commands.add_parser(
+        "evaluate", help="the release gate: a candidate variant against its baseline on an evaluation set"
+    )
+    evaluate.add_argument("candidate", type=Path, help="the candidate variant's folder (e.g. models/smol/awq-w4a16)")
+    evaluate.add_argument("--baseline", type=Path, help="the baseline's folder (default: the family's base, fp16)")
+    evaluate.add_argument(
+        "--eval-set", type=Path, default=DEMO_SET, help="a JSONL evaluation set (default: %(default)s)"
+    )
+    evaluate.add_argument(
+        "--out", type=Path, default=Path("reports"), help="where the report goes (default: %(default)s)"
+    )
+    evaluate.add_argument("--config", type=Path, help="take the thresholds from this config's gate: section")
+    evaluate.add_argument("--no-record", action="store_true", help="measure only; leave the manifest as it is")
+    evaluate.add_argument("--sign-off", metavar="NAME", help="and record NAME's sign-off if the gate passes")
+    evaluate.set_defaults(func=_evaluate)
+    sign = commands.add_parser("sign-off", help="record a named sign-off on a candidate's passed release gate")
+    sign.add_argument("candidate", type=Path, help="the candidate variant's folder")
+    sign.add_argument("--by", required=True, help="who signs off (recorded in the manifest)")
+    sign.add_argument("--baseline", type=Path, help="the baseline's folder (default: the family's base, fp16)")
+    sign.set_defaults(func=_sign_off)
     check = commands.add_parser("check", help="validate a config file without applying it")
     check.add_argument("config", type=Path, help="the config file")
     check.set_defaults(func=_check)
