@@ -120,25 +120,32 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     gate = load_config(args.config).gate if args.config else GateConfig()
     try:
-        done = evaluate(args.candidate, args.baseline, args.eval_set, args.out, gate, record=not args.no_record)
+        done = evaluate(args.candidates, args.baseline, args.eval_set, args.out, gate, record=not args.no_record)
+        for evaluation in done:
+            built = evaluation.report
+            failing = [c for c in built["verdict"]["checks"] if not c["passed"]]
+            why = "; ".join(f"{c['name']} {c['value']:.4g} ({c['kind']} {c['threshold']:g})" for c in failing)
+            print(
+                f"{built['candidate']['variant']} against {built['baseline']['variant']}: "
+                f"{'PASS' if evaluation.passed else 'FAIL'}{': ' + why if why else ''}"
+            )
+            print(
+                f"  report {evaluation.markdown_path} (plots beside it), {evaluation.json_path} "
+                f"sha256 {evaluation.digest[:16]}"
+            )
+            if args.sign_off and not args.no_record and evaluation.passed and not _is_noise(built):
+                sign_off(Path(built["candidate"]["folder"]), args.sign_off, args.baseline)
+                print(f"  signed off by {args.sign_off}")
     except EvaluateError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    failing = [c for c in done.report["verdict"]["checks"] if not c["passed"]]
-    why = "; ".join(f"{c['name']} {c['value']:.4g} ({c['kind']} {c['threshold']:g})" for c in failing)
-    print(f"verdict: {'PASS' if done.passed else 'FAIL'}{': ' + why if why else ''}")
-    print(f"report: {done.markdown_path} (plots beside it), {done.json_path} sha256 {done.digest[:16]}")
     if args.no_record:
-        print("not recorded in the manifest (--no-record)")
-    else:
-        print(f"recorded in {args.candidate / 'provenance.json'}")
-    if args.sign_off and not args.no_record:
-        if not done.passed:
-            print(f"no sign-off recorded for {args.sign_off}: the gate failed", file=sys.stderr)
-        else:
-            sign_off(args.candidate, args.sign_off, args.baseline)
-            print(f"signed off by {args.sign_off}")
-    return 0 if done.passed else 1
+        print("nothing recorded in the manifests (--no-record)")
+    return 0 if all(e.passed for e in done) else 1
+
+
+def _is_noise(built: dict[str, Any]) -> bool:
+    return bool(built["candidate"]["weights_sha256"] == built["baseline"]["weights_sha256"])
 
 
 def _sign_off(args: argparse.Namespace) -> int:
@@ -257,7 +264,13 @@ def parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "evaluate", help="the release gate: a candidate variant against its baseline on an evaluation set"
     )
-    evaluate.add_argument("candidate", type=Path, help="the candidate variant's folder (e.g. models/smol/awq-w4a16)")
+    evaluate.add_argument(
+        "candidates",
+        nargs="+",
+        type=Path,
+        metavar="CANDIDATE",
+        help="candidate variant folders (e.g. models/smol/awq-w4a16); the baseline runs once for all",
+    )
     evaluate.add_argument("--baseline", type=Path, help="the baseline's folder (default: the family's base, fp16)")
     evaluate.add_argument(
         "--eval-set", type=Path, default=DEMO_SET, help="a JSONL evaluation set (default: %(default)s)"
@@ -267,7 +280,7 @@ def parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--config", type=Path, help="take the thresholds from this config's gate: section")
     evaluate.add_argument("--no-record", action="store_true", help="measure only; leave the manifest as it is")
-    evaluate.add_argument("--sign-off", metavar="NAME", help="and record NAME's sign-off if the gate passes")
+    evaluate.add_argument("--sign-off", metavar="NAME", help="and record NAME's sign-off on each passed gate")
     evaluate.set_defaults(func=_evaluate)
     sign = commands.add_parser("sign-off", help="record a named sign-off on a candidate's passed release gate")
     sign.add_argument("candidate", type=Path, help="the candidate variant's folder")

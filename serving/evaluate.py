@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.config import GateConfig
-from serving.evals import DEMO_SET, EvalSetError, load_eval_set
+from serving.evals import DEMO_SET, EvalItem, EvalSetError, load_eval_set
 from serving.hardware import host
 from serving.models import manifest
 from serving.release import answers, report, scoring
@@ -56,7 +56,7 @@ def _variant(folder: Path, role: str) -> dict[str, Any]:
 
 
 def evaluate(
-    candidate: Path,
+    candidates: list[Path],
     baseline: Path | None = None,
     eval_set: Path = DEMO_SET,
     out_dir: Path = Path("reports"),
@@ -64,11 +64,20 @@ def evaluate(
     *,
     record: bool = True,
     say: Callable[[str], None] = print,
-) -> Evaluation:
+) -> list[Evaluation]:
+    """Evaluates each candidate against the one baseline, which runs once. A candidate with the baseline's
+    own weights (fp16 against itself) measures the noise floor and is never recorded as a gate."""
     gate = gate or GateConfig()
-    candidate = candidate.resolve()
-    cand_manifest = _variant(candidate, "candidate")
-    baseline = (baseline or default_baseline(candidate)).resolve()
+    if not candidates:
+        raise EvaluateError("name at least one candidate variant folder")
+    candidates = [c.resolve() for c in candidates]
+    manifests = [_variant(c, "candidate") for c in candidates]
+    if baseline is None:
+        defaults = {default_baseline(c) for c in candidates}
+        if len(defaults) > 1:
+            raise EvaluateError("the candidates come from different families; name the baseline with --baseline")
+        (baseline,) = defaults
+    baseline = baseline.resolve()
     base_manifest = _variant(baseline, "baseline")
     if not eval_set.is_file():
         raise EvaluateError(f"the evaluation set {eval_set} does not exist")
@@ -78,32 +87,54 @@ def evaluate(
         raise EvaluateError(f"bad evaluation set: {exc}") from None
     if not items:
         raise EvaluateError(f"the evaluation set {eval_set} holds no items")
-    base_name, cand_name = base_manifest["variant"], cand_manifest["variant"]
+    steps = 1 + len(candidates)
+    base_name = base_manifest["variant"]
 
-    say(f"[1/3] baseline {base_name}: {len(items)} prompts in a vLLM engine ({baseline})")
+    say(f"[1/{steps}] baseline {base_name}: {len(items)} prompts in a vLLM engine ({baseline})")
     started = time.monotonic()
     base_run = _run(baseline, eval_set, reverse=False, reference=None)
     say(f"      done in {time.monotonic() - started:.0f} s, {base_run['output_tokens_per_s']:.1f} output tokens/s")
-    say(f"[2/3] candidate {cand_name}: the same prompts in reverse order, scoring {base_name}'s answers ({candidate})")
-    started = time.monotonic()
-    cand_run = _run(candidate, eval_set, reverse=True, reference=base_run["answers"])
-    say(f"      done in {time.monotonic() - started:.0f} s, {cand_run['output_tokens_per_s']:.1f} output tokens/s")
+    evaluations = []
+    for step, (candidate, cand_manifest) in enumerate(zip(candidates, manifests, strict=True), start=2):
+        name = cand_manifest["variant"]
+        say(
+            f"[{step}/{steps}] candidate {name}: the prompts in reverse order, "
+            f"scoring {base_name}'s answers ({candidate})"
+        )
+        started = time.monotonic()
+        cand_run = _run(candidate, eval_set, reverse=True, reference=base_run["answers"])
+        built = _report(
+            items, eval_set, gate, (baseline, base_manifest, base_run), (candidate, cand_manifest, cand_run)
+        )
+        evaluation = _write(built, out_dir, f"{name}-vs-{base_name}")
+        verdict = "PASS" if evaluation.passed else "FAIL"
+        say(f"      done in {time.monotonic() - started:.0f} s: {verdict}, report {evaluation.markdown_path}")
+        if cand_manifest["weights_sha256"] == base_manifest["weights_sha256"]:
+            say("      the baseline against itself: the noise floor, not recorded as a gate")
+        elif record:
+            manifest.record_gate(candidate, base_manifest["weights_sha256"], gate_record(evaluation))
+        evaluations.append(evaluation)
+    return evaluations
 
-    say("[3/3] scoring and writing the report")
-    results = scoring.score_items(items, base_run, cand_run)
+
+Side = tuple[Path, dict[str, Any], dict[str, Any]]  # folder, manifest, what its engine run recorded
+
+
+def _report(items: list[EvalItem], eval_set: Path, gate: GateConfig, base: Side, cand: Side) -> dict[str, Any]:
+    results = scoring.score_items(items, base[2], cand[2])
     tasks = scoring.by_task(results)
     overall = scoring.summarize(results)
-    performance = _performance(base_run, cand_run)
+    performance = _performance(base[2], cand[2])
     measures = scoring.gate_measures(overall, tasks, performance)
     checks = scoring.judge(measures, gate.thresholds())
-    built = {
+    return {
         "schema_version": 1,
         "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "host": host(),
         "max_tokens": answers.MAX_TOKENS,
         "eval_set": {"path": str(eval_set.resolve()), "sha256": manifest.file_sha256(eval_set), "items": len(items)},
-        "baseline": _side(baseline, base_manifest, base_run),
-        "candidate": _side(candidate, cand_manifest, cand_run),
+        "baseline": _side(*base),
+        "candidate": _side(*cand),
         "thresholds": gate.thresholds(),
         "overall": overall,
         "tasks": tasks,
@@ -115,17 +146,17 @@ def evaluate(
         },
         "items": scoring.item_rows(results),
     }
+
+
+def _write(built: dict[str, Any], out_dir: Path, name: str) -> Evaluation:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir.resolve() / f"{cand_name}-vs-{base_name}"
+    stem = out_dir.resolve() / name
     json_path = stem.with_suffix(".json")
     digest = report.write_json(built, json_path)
     plots = report.plot(built, stem)
     markdown_path = stem.with_suffix(".md")
     markdown_path.write_text(report.markdown(built, plots))
-    evaluation = Evaluation(built, json_path, markdown_path, plots, digest)
-    if record:
-        manifest.record_gate(candidate, base_manifest["weights_sha256"], gate_record(evaluation))
-    return evaluation
+    return Evaluation(built, json_path, markdown_path, plots, digest)
 
 
 def _run(folder: Path, eval_set: Path, *, reverse: bool, reference: list[dict[str, Any]] | None) -> dict[str, Any]:
