@@ -105,7 +105,11 @@ class Follower:
     async def status(self) -> dict[str, Any]:
         if self.controller is None:
             raise Unavailable("no rollout controller is attached to this router", code="no_controller")
-        status = await self.controller.status()
+        try:
+            status = await self.controller.status()
+        except Exception as exc:  # restarting, or gone: the routers look it up again within a second
+            logger.warning("the rollout controller did not answer a status request: %r", exc)
+            raise Unavailable("the rollout controller did not answer; retry shortly", code="no_controller") from None
         status["router"] = {"live_weights": self.live_weights, "weights_changed_at": self.weights_changed_at}
         return status
 

@@ -335,6 +335,18 @@ def test_a_progression_steps_int8_up_to_promoted(stack: Stack, ray_driver: None)
         )
         assert done.returncode == 0, done.stderr
         assert rollout()["tiers"]["standard"]["live_weight"] == 25.0  # the config's weight is the start
+        for verb in ("pause", "resume"):  # the operator's commands, through the controller, with who asked
+            done = subprocess.run(
+                [sys.executable, "-m", "serving.cli", "rollout", verb, "standard"], capture_output=True, text=True
+            )
+            assert done.returncode == 0, done.stderr
+        refused = subprocess.run(
+            [sys.executable, "-m", "serving.cli", "rollout", "resume", "standard"], capture_output=True, text=True
+        )
+        assert (refused.returncode, refused.stderr.strip()) == (1, "error: tier standard is not paused")
+        history = rollout()["tiers"]["standard"]["history"]
+        assert [e["kind"] for e in history[-2:]] == ["pause", "resume"]
+        assert "@" in history[-1]["by"]
         with traffic(("demo-standard",)):
             status = wait_until(
                 lambda: (s := rollout())["tiers"]["standard"]["phase"] == "promoted" and s, 300, "the promotion"

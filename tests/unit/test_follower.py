@@ -173,3 +173,16 @@ def test_saved_signals_older_than_the_window_or_a_damaged_file_give_a_fresh_wind
     window_file = tmp_path / "state.json.window"
     window_file.write_text("{not json")
     assert list(Rollout(config(tmp_path), Clock(), restarted=True).events) == []
+
+
+async def test_the_rollout_status_of_a_controller_that_does_not_answer_is_a_503(tmp_path: Path) -> None:
+    core = replica(Rollout(config(tmp_path), Clock()))
+
+    class Down(LocalController):
+        async def status(self) -> dict[str, object]:
+            raise ConnectionError("restarting")
+
+    core.follower.controller = Down(None)
+    async with client(core) as http:
+        answer = await http.get("/admin/rollout", headers={"authorization": "Bearer demo-admin"})
+    assert (answer.status_code, answer.json()["error"]["code"]) == (503, "no_controller")
