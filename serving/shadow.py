@@ -180,6 +180,7 @@ def scoring_request(kind: Kind, request: Any, text: str) -> Any:
         "stream": False,
         "n": 1,
         "max_tokens": 1,
+        "min_tokens": 0,  # the client's min_tokens would exceed max_tokens: the engine refuses that
         "prompt_logprobs": 0,
         "return_token_ids": True,
         "stream_options": None,
