@@ -196,6 +196,7 @@ def scoring_request(endpoint: Endpoint, request: EngineRequest, text: str) -> En
         "stream": False,
         "n": 1,
         "max_tokens": 1,
+        "min_tokens": 0,  # the client's min_tokens would exceed max_tokens: the engine refuses that
         "prompt_logprobs": 0,
         "return_token_ids": True,
         "stream_options": None,

@@ -5,6 +5,7 @@ replicas, because nothing in a replica may assume it is the only one (metrics, f
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ PORT = 18_321
 METRICS_PORT = 18_322  # the node's Ray metrics agent: every replica's metrics, the router's and the engines'
 BASE = f"http://127.0.0.1:{PORT}"
 METRICS_URL = f"http://127.0.0.1:{METRICS_PORT}/metrics"
+PROMETHEUS_PORT = 18_390
 ROUTER_REPLICAS = 2
 
 
@@ -170,4 +172,38 @@ def stack(tiny_family: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             process.wait(timeout=120)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Prometheus server (Debian's package) scraping the stack's metrics agent every second, for the
+    whole session: the contract test and the every-panel test read the same one."""
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus is not installed; `make test` installs it (scripts/install-test-tools.sh)"
+    folder = tmp_path_factory.mktemp("prometheus")
+    config = folder / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: serving\n    static_configs: [{{targets: ['127.0.0.1:{METRICS_PORT}']}}]\n"
+    )
+    log = (folder / "prometheus.log").open("w")
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={folder / 'data'}",
+            f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{PROMETHEUS_PORT}"
+    try:
+        wait_for_http(f"{url}/-/ready", process, Path(log.name), timeout_s=60)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
         log.close()

@@ -4,22 +4,22 @@ with data, and a request is counted once whichever router replica served it."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import BASE, METRICS_PORT, ROUTER_REPLICAS, Configure, Stack, wait_for_http
+from tests.integration.conftest import (
+    BASE,
+    ROUTER_REPLICAS,
+    Configure,
+    Stack,
+)
 from tests.polling import poll_until
 
 pytestmark = pytest.mark.integration
 
-PROMETHEUS_PORT = 18_390
 CONTRACT = [
     "ray_serving_request_duration_seconds_bucket",
     "ray_serving_time_to_first_token_seconds_bucket",
@@ -41,38 +41,6 @@ CONTRACT = [
     "ray_serving_rollbacks_total",
     "ray_serving_promotions_total",
 ]
-
-
-@pytest.fixture(scope="module")
-def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = shutil.which("prometheus")
-    assert binary, "prometheus is not installed; `make test` installs it (scripts/install-test-tools.sh)"
-    folder = tmp_path_factory.mktemp("prometheus")
-    config = folder / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        f"  - job_name: serving\n    static_configs: [{{targets: ['127.0.0.1:{METRICS_PORT}']}}]\n"
-    )
-    log = (folder / "prometheus.log").open("w")
-    process = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={folder / 'data'}",
-            f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{PROMETHEUS_PORT}"
-    try:
-        wait_for_http(f"{url}/-/ready", process, Path(log.name), timeout_s=60)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
 
 
 def query(url: str, promql: str) -> list[dict[str, object]]:

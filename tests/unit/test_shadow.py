@@ -16,7 +16,7 @@ from serving.load import EngineLoad
 from serving.metrics import sample as metric_sample
 from serving.router import RouterCore, create_app
 from serving.tracing import make_tracer
-from serving.variants import FakeVariant
+from serving.variants import Endpoint, FakeVariant
 from tests.polling import poll_until_async
 
 REPO = Path(__file__).resolve().parents[2]
@@ -352,3 +352,16 @@ async def test_a_running_comparison_is_cancelled_when_primaries_make_its_engine_
     )
     assert compared == 0
     assert not core.shadower.tasks
+
+
+@pytest.mark.parametrize("kind", ["chat", "completions"])
+def test_a_scoring_request_asks_no_min_tokens_of_its_one_token(kind: Endpoint) -> None:
+    # Seen on the real stack: every shadow of a request with min_tokens above 1 failed, as the engine
+    # refuses min_tokens > max_tokens.
+    from serving.protocol import parse_request
+    from serving.shadow import scoring_request
+
+    prompt = {"messages": [{"role": "user", "content": "x"}]} if kind == "chat" else {"prompt": "x"}
+    request = parse_request(kind, {"model": "m", "max_tokens": 8, "min_tokens": 6, **prompt})
+    scoring = scoring_request(kind, request, "an answer")
+    assert (scoring.max_tokens, scoring.min_tokens) == (1, 0)
