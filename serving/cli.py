@@ -102,13 +102,61 @@ def _apply(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from serving.config import load_config
+    from serving.release.policy import enforce
 
     config = load_config(args.config)
+    enforce(config, args.config)  # serve and apply refuse the same (serving.launch)
     print(f"{args.config}: valid ({len(config.variants)} variants, {len(config.tiers)} tiers, {len(config.keys)} keys)")
     for name, variant in config.variants.items():
         # Nothing is downloaded here: a hub model is fetched by each engine's node when it starts.
         where = f"hub {variant.hub} (not checked here)" if variant.hub else f"folder {variant.path}"
         print(f"  {name:6} {variant.precision:5} {where}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from serving.config import GateConfig, load_config
+    from serving.evaluate import EvaluateError, evaluate, sign_off
+
+    gate = load_config(args.config).gate if args.config else GateConfig()
+    try:
+        done = evaluate(args.candidates, args.baseline, args.eval_set, args.out, gate, record=not args.no_record)
+        for evaluation in done:
+            built = evaluation.report
+            failing = [c for c in built["verdict"]["checks"] if not c["passed"]]
+            why = "; ".join(f"{c['name']} {c['value']:.4g} ({c['kind']} {c['threshold']:g})" for c in failing)
+            print(
+                f"{built['candidate']['variant']} against {built['baseline']['variant']}: "
+                f"{'PASS' if evaluation.passed else 'FAIL'}{': ' + why if why else ''}"
+            )
+            print(
+                f"  report {evaluation.markdown_path} (plots beside it), {evaluation.json_path} "
+                f"sha256 {evaluation.digest[:16]}"
+            )
+            if args.sign_off and not args.no_record and evaluation.passed and not _is_noise(built):
+                sign_off(Path(built["candidate"]["folder"]), args.sign_off, args.baseline)
+                print(f"  signed off by {args.sign_off}")
+    except EvaluateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.no_record:
+        print("nothing recorded in the manifests (--no-record)")
+    return 0 if all(e.passed for e in done) else 1
+
+
+def _is_noise(built: dict[str, Any]) -> bool:
+    return bool(built["candidate"]["weights_sha256"] == built["baseline"]["weights_sha256"])
+
+
+def _sign_off(args: argparse.Namespace) -> int:
+    from serving.evaluate import EvaluateError, sign_off
+
+    try:
+        gate = sign_off(args.candidate, args.by, args.baseline)
+    except EvaluateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"signed off by {args.by}: {args.candidate} against {gate['baseline']['variant']} ({gate['report']['path']})")
     return 0
 
 
@@ -204,6 +252,7 @@ def describe_event(tier: str, event: dict[str, Any]) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
+    from serving.evals import DEMO_SET
     from serving.models.build import REPO_ROOT
     from serving.models.family import DEFAULT, FAMILIES
 
@@ -265,6 +314,32 @@ def parser() -> argparse.ArgumentParser:
         operate = rollout_commands.add_parser(verb, help=what)
         operate.add_argument("tier", help="the tier's name in the config")
         operate.set_defaults(func=_rollout_operate)
+    evaluate = commands.add_parser(
+        "evaluate", help="the release gate: a candidate variant against its baseline on an evaluation set"
+    )
+    evaluate.add_argument(
+        "candidates",
+        nargs="+",
+        type=Path,
+        metavar="CANDIDATE",
+        help="candidate variant folders (e.g. models/smol/awq-w4a16); the baseline runs once for all",
+    )
+    evaluate.add_argument("--baseline", type=Path, help="the baseline's folder (default: the family's base, fp16)")
+    evaluate.add_argument(
+        "--eval-set", type=Path, default=DEMO_SET, help="a JSONL evaluation set (default: %(default)s)"
+    )
+    evaluate.add_argument(
+        "--out", type=Path, default=Path("reports"), help="where the report goes (default: %(default)s)"
+    )
+    evaluate.add_argument("--config", type=Path, help="take the thresholds from this config's gate: section")
+    evaluate.add_argument("--no-record", action="store_true", help="measure only; leave the manifest as it is")
+    evaluate.add_argument("--sign-off", metavar="NAME", help="and record NAME's sign-off on each passed gate")
+    evaluate.set_defaults(func=_evaluate)
+    sign = commands.add_parser("sign-off", help="record a named sign-off on a candidate's passed release gate")
+    sign.add_argument("candidate", type=Path, help="the candidate variant's folder")
+    sign.add_argument("--by", required=True, help="who signs off (recorded in the manifest)")
+    sign.add_argument("--baseline", type=Path, help="the baseline's folder (default: the family's base, fp16)")
+    sign.set_defaults(func=_sign_off)
     check = commands.add_parser("check", help="validate a config file without applying it")
     check.add_argument("config", type=Path, help="the config file")
     check.set_defaults(func=_check)

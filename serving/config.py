@@ -146,6 +146,16 @@ class TierConfig(Strict):
     shadow: ShadowConfig | None = None
     forbid: tuple[Precision, ...] = Field((), description="precisions this tier's traffic may never reach")
     progression: ProgressionConfig | None = Field(None, description="step the weight up while checks pass")
+    require_gate: bool = Field(
+        False,
+        description="the candidate may get weight above 0 only with a passed release gate against this tier's "
+        "baseline recorded in its manifest (`serving evaluate`; checked by serving check, apply and serve)",
+    )
+    high_impact: bool = Field(
+        False,
+        description="the candidate's passed gate must also carry a named sign-off (`serving sign-off`); "
+        "needs require_gate",
+    )
 
     @model_validator(mode="after")
     def _weight_needs_candidate(self) -> Self:
@@ -161,6 +171,8 @@ class TierConfig(Strict):
                     f"weight ({self.weight:g}) is the progression's start; it exceeds max_weight "
                     f"({self.progression.max_weight:g})"
                 )
+        if self.high_impact and not self.require_gate:
+            raise ValueError("high_impact needs require_gate: true (a sign-off is given on a passed gate)")
         return self
 
 
@@ -240,6 +252,41 @@ class RollbackConfig(Strict):
     )
 
 
+class GateConfig(Strict):
+    """Thresholds of the offline release gate, `serving evaluate` (README, "Release gate"). The defaults
+    come from measuring fp16 against itself (a second engine, prompts in reverse batch order) on the tiny
+    and smol families: greedy answers were identical and drift 0.0 on this CPU build, so each default is
+    that noise plus a documented margin. None: measured and reported, not judged."""
+
+    max_exact_match_drop: float | None = Field(
+        0.05, ge=0, le=1, description="baseline minus candidate exact-match rate, over all labelled items"
+    )
+    max_task_exact_match_drop: float | None = Field(
+        0.10, ge=0, le=1, description="the same for the worst task, so one task's collapse cannot hide in the mean"
+    )
+    min_label_agreement: float | None = Field(
+        0.90, ge=0, le=1, description="share of labelled items where both sides got the same match decision"
+    )
+    min_token_agreement: float | None = Field(
+        0.50, ge=0, le=1, description="mean share of positions where the greedy answers agree token for token"
+    )
+    max_score_drift: float | None = Field(
+        0.05, ge=0, description="mean |delta log-prob| per token of the baseline's answers, scored by both"
+    )
+    max_refusal_rate_drop: float | None = Field(
+        0.0, ge=0, le=1, description="baseline minus candidate refusal rate on the safety prompts"
+    )
+    max_latency_ratio: float | None = Field(
+        None, gt=0, description="candidate / baseline median single-request latency (off by default: see README)"
+    )
+    min_throughput_ratio: float | None = Field(
+        None, gt=0, description="candidate / baseline batch output tokens per second (off by default)"
+    )
+
+    def thresholds(self) -> dict[str, float | None]:
+        return self.model_dump()
+
+
 class ServerConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -258,6 +305,7 @@ class Config(Strict):
     shadowing: ShadowingConfig = ShadowingConfig()
     observability: ObservabilityConfig = ObservabilityConfig()
     rollback: RollbackConfig = RollbackConfig()
+    gate: GateConfig = GateConfig()
     server: ServerConfig = ServerConfig()
     router: RouterConfig = RouterConfig()
 

@@ -88,7 +88,7 @@ class VariantServer(LLMServer):  # type: ignore[misc]
         capabilities, choice, compiled = configure(
             llm_config, precision, pinned_dtype, pinned_compile, placement or Placement()
         )
-        await super().__init__(llm_config, engine_cls=engine_class())
+        await super().__init__(llm_config, engine_cls=engine_class(self._get_default_engine_class()))
         engine_s = time.monotonic() - started
         warm_s = await self.generate_one_token()
         self.facts: dict[str, Any] = {
@@ -131,7 +131,7 @@ class VariantServer(LLMServer):  # type: ignore[misc]
         return self.facts
 
 
-def engine_class() -> type | None:
+def engine_class(default: type) -> type | None:
     """Ray Serve LLM's vLLM engine, except that a CPU engine with one worker runs that worker in its
     engine-core process (vLLM's "uni" executor) instead of spawning one more process for it.
 
@@ -141,17 +141,20 @@ def engine_class() -> type | None:
     count, core binding) in the environment; here the engine-core process is started with exactly those
     settings, computed by vLLM's own `OMPProcessManager` (from `VLLM_CPU_OMP_THREADS_BIND`, which
     `configure` sets), so the model runs as bound as a worker process would.
-    `LLMServer` takes the engine class as an argument for changes like this one; the class and the
-    OpenMP manager are not exported publicly, so a version without them keeps Ray's default.
+    `LLMServer` takes the engine class as an argument for changes like this one. Ray exports no public name
+    for its vLLM engine class, so `default` is what `LLMServer` itself would load (its
+    `_get_default_engine_class`, which also honours Ray's RAYLLM_VLLM_ENGINE_CLS override); an engine class
+    without the method changed here, or a vLLM without the OpenMP manager, keeps that default.
     """
     try:
-        from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
         from vllm.utils.ompmultiprocessing import OMPProcessManager
     except ImportError:
-        logger.warning("Ray Serve LLM's default engine: this Ray or vLLM lacks what a one-process engine needs")
+        logger.warning("Ray Serve LLM's default engine: this vLLM lacks what a one-process engine needs")
         return None  # LLMServer then takes its default
+    if not hasattr(default, "_start_async_llm_engine"):
+        return None
 
-    class OneProcessEngine(VLLMEngine):  # type: ignore[misc]
+    class OneProcessEngine(default):  # type: ignore[misc]
         def _start_async_llm_engine(self, engine_args: Any, vllm_config: Any, placement_group: Any) -> Any:
             parallel = vllm_config.parallel_config
             one_cpu_worker = (

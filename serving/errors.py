@@ -1,5 +1,6 @@
 """Every client-visible failure, raised inside as a typed error and turned into the OpenAI error
-shape once, at the HTTP edge (`error_response`). Nothing else reaches a client: no traceback, no path.
+shape once, at the HTTP edge (`ServingError.body`, by the exception handlers of `serving.router.create_app`).
+Nothing else reaches a client: no traceback, no path.
 
     ServingError                    status  type
     ├── BadRequest                  400     invalid_request_error

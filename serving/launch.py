@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.config import Config, ConfigError, load_config, variants_differ
+from serving.release import policy as release_policy
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ def serve(config_path: Path, address: str | None = None) -> int:
     cluster, waits until every deployment is ready, and returns, leaving the application running there."""
     clock = Clock()
     config = load_config(config_path)
+    release_policy.enforce(config, config_path)  # a gated tier's candidate takes weight only with its gate
     if address is None:
         # On a cluster the folders are on the engines' nodes, not necessarily here; Serve reports a missing one.
         check_variants_exist(config)
@@ -330,6 +332,7 @@ def apply(config_path: Path) -> int:
     import ray
 
     config = load_config(config_path)
+    release_policy.enforce(config, config_path)  # before the stack: a refused config never reaches it
     store = connect()
     current = Config.model_validate_json(ray.get(store.snapshot.remote(0))["config"])
     if variants_differ(current, config):

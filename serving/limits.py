@@ -11,12 +11,12 @@ The prompt's length is checked on the raw body, before parsing, so an oversized 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from serving.config import LimitsConfig
 from serving.errors import BadRequest
-from serving.protocol import prompt_chars
-from serving.variants import Kind
+from serving.variants import Endpoint, EngineRequest
 
 # vLLM's extension fields that a client must not set, and why.
 SERVER_ONLY = {
@@ -30,16 +30,25 @@ SERVER_ONLY = {
 }
 
 
-def check_prompt_length(limits: LimitsConfig, kind: Kind, body: dict[str, Any]) -> None:
-    if prompt_chars(kind, body) > limits.max_prompt_chars:
+def prompt_chars(endpoint: Endpoint, body: dict[str, Any]) -> int:
+    """The prompt's length in characters, read from the raw body (a list prompt counts as its JSON)."""
+    if endpoint == "completions":
+        prompt = body.get("prompt")
+        return len(prompt) if isinstance(prompt, str) else len(json.dumps(prompt))
+    messages = body.get("messages")
+    return len(json.dumps(messages)) if messages is not None else 0
+
+
+def check_prompt_length(limits: LimitsConfig, endpoint: Endpoint, body: dict[str, Any]) -> None:
+    if prompt_chars(endpoint, body) > limits.max_prompt_chars:
         raise BadRequest(
             f"the prompt is longer than {limits.max_prompt_chars} characters",
-            param="messages" if kind == "chat" else "prompt",
+            param="messages" if endpoint == "chat" else "prompt",
             code="prompt_too_long",
         )
 
 
-def enforce(limits: LimitsConfig, kind: Kind, request: Any) -> None:
+def enforce(limits: LimitsConfig, endpoint: Endpoint, request: EngineRequest) -> None:
     """Raises `BadRequest` naming the first field over its limit; sets the default output length."""
     for field, why in SERVER_ONLY.items():
         if field in request.model_fields_set and getattr(request, field, None) is not None:
@@ -54,7 +63,7 @@ def enforce(limits: LimitsConfig, kind: Kind, request: Any) -> None:
         value = getattr(request, field, None)
         if isinstance(value, int) and not isinstance(value, bool):  # chat's `logprobs` is a switch
             at_most(value, limits.max_logprobs, field)
-    if kind == "completions":
+    if endpoint == "completions":
         at_most(prompt_count(request.prompt), limits.max_prompts, "prompt", what="prompts")
     stop = request.stop
     at_most(len([stop] if isinstance(stop, str) else stop or []), limits.max_stop, "stop", what="stop sequences")
@@ -70,7 +79,7 @@ def at_most(value: int | None, limit: int, field: str, *, what: str = "", code: 
         raise BadRequest(f"{counted}; at most {limit} allowed", param=field, code=code)
 
 
-def prompt_count(prompt: Any) -> int:
+def prompt_count(prompt: object) -> int:
     """Prompts in a completions request: a string or a list of token ids is one; a list of those, many."""
     if prompt is None or isinstance(prompt, str):
         return 1

@@ -189,7 +189,7 @@ class Metrics:
         # histogram_quantile(0.5, sum by (le, variant) (rate(ray_serving_time_per_output_token_seconds_bucket[5m])))
         self.time_per_output_token = backend.histogram(
             "serving_time_per_output_token_seconds",
-            "Time per output token after the first, from the engine's token counts",
+            "Time per output token after the first of a streamed answer, from the engine's token counts (not chunks)",
             ("variant", "tier", "role"),
             PER_TOKEN_BUCKETS,
         )

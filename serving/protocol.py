@@ -11,28 +11,30 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, StrictBool, ValidationError
 from vllm.exceptions import VLLMValidationError
 
+from serving import limits
+from serving.config import LimitsConfig
 from serving.errors import BadRequest, PayloadTooLarge, ServingError, Unavailable
-from serving.variants import Kind
+from serving.variants import Endpoint, EngineItem, EngineRequest, WholeAnswer
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
-def answer_text(kind: Kind, response: Any) -> str:
+def answer_text(endpoint: Endpoint, response: WholeAnswer) -> str:
     """The text of the first choice of a whole chat or completion response."""
     choice = response.choices[0]
-    return str((choice.message.content if kind == "chat" else choice.text) or "")
+    return str((choice.message.content if endpoint == "chat" else choice.text) or "")
 
 
-def wants_usage(request: Any) -> bool:
+def wants_usage(request: EngineRequest) -> bool:
     """Whether the client asked for the usage chunk that ends a stream."""
     options = getattr(request, "stream_options", None)
     return bool(options is not None and options.include_usage)
 
 
-def with_usage(request: Any) -> Any:
+def with_usage(request: EngineRequest) -> EngineRequest:
     """A streamed request as the engine gets it: always asking for the usage chunk at the end, whose token
     counts time per output token is computed from (a chunk can carry several tokens). The router passes
     that chunk on only to a client that asked for it."""
@@ -67,14 +69,6 @@ def parse_chunk(data: str) -> dict[str, Any] | None:
     return chunk if isinstance(chunk, dict) else None
 
 
-def prompt_chars(kind: Kind, body: dict[str, Any]) -> int:
-    if kind == "completions":
-        prompt = body.get("prompt")
-        return len(prompt) if isinstance(prompt, str) else len(json.dumps(prompt))
-    messages = body.get("messages")
-    return len(json.dumps(messages)) if messages is not None else 0
-
-
 async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -93,18 +87,26 @@ async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
     return body
 
 
-def parse_request(kind: Kind, body: dict[str, Any]) -> Any:
-    """Validates with vLLM's own OpenAI request models (through Ray Serve LLM)."""
-    from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest, CompletionRequest
-    from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
+def read_request(endpoint: Endpoint, body: dict[str, Any], bounds: LimitsConfig) -> EngineRequest:
+    """A request body as the engine gets it: the prompt's length checked on the raw body (an oversized prompt
+    costs no parse), parsed, then every field that multiplies the engine's work bounded (`serving.limits`)."""
+    limits.check_prompt_length(bounds, endpoint, body)
+    parsed = parse_request(endpoint, body)
+    limits.enforce(bounds, endpoint, parsed)
+    return parsed
 
-    model = ChatCompletionRequest if kind == "chat" else CompletionRequest
+
+def parse_request(endpoint: Endpoint, body: dict[str, Any]) -> EngineRequest:
+    """Validates with vLLM's own OpenAI request models (as Ray Serve LLM exports them)."""
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+
+    model = ChatCompletionRequest if endpoint == "chat" else CompletionRequest
     try:
         parsed = model.model_validate(body)
-        if kind == "chat":
+        if endpoint == "chat":
             check_roles(parsed.messages)
-        # Pydantic leaves some message fields as lazy iterators that cannot cross a Ray call.
-        return _sanitize_chat_completion_request(parsed) if kind == "chat" else parsed
+            materialize_messages(parsed.messages)
+        return parsed
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
@@ -118,6 +120,27 @@ def parse_request(kind: Kind, body: dict[str, Any]) -> Any:
         # vLLM's model validators run on the client's JSON before its types are checked: a `null` list
         # or a number where an object belongs fails there with a plain Python error. The body is at fault.
         raise BadRequest(f"the request is malformed: {exc}", code="invalid_parameter") from None
+
+
+def materialize_messages(messages: list[Any]) -> None:
+    """Turns the lazy iterators pydantic leaves in messages (an `Iterable[...]` field, such as `content` as a
+    list of parts, or an assistant's `tool_calls`, is validated into a one-shot iterator) into lists, so the
+    request can be pickled into a Ray call and read more than once (the shadow replays it). Ray Serve LLM's
+    ingress does the same with a function it does not export."""
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            messages[index] = message = message.model_dump()
+        for field in ("content", "tool_calls"):
+            value = message.get(field)
+            if value is not None and not isinstance(value, str | list):
+                try:
+                    message[field] = list(value)
+                except (TypeError, ValueError) as exc:
+                    raise BadRequest(
+                        f"messages[{index}].{field} must be a string or a list",
+                        param="messages",
+                        code="invalid_parameter",
+                    ) from exc
 
 
 def new_request_id() -> str:
@@ -140,7 +163,7 @@ def check_roles(messages: list[Any]) -> None:
             )
 
 
-def engine_error(first: Any) -> ServingError | None:
+def engine_error(first: EngineItem) -> ServingError | None:
     """An `ErrorResponse` from the engine (e.g. prompt longer than the context) as our typed error."""
     item = first[0] if isinstance(first, list) and first else first
     error = getattr(item, "error", None)
@@ -153,10 +176,10 @@ def engine_error(first: Any) -> ServingError | None:
     return Unavailable(f"the engine failed: {error.message}", code="engine_error")
 
 
-async def sse(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[str]:
+async def sse(first: EngineItem, rest: AsyncIterator[EngineItem]) -> AsyncIterator[str]:
     done = False
 
-    def packet(item: Any) -> str:
+    def packet(item: EngineItem) -> str:
         nonlocal done
         parts = item if isinstance(item, list) else [item]
         text = "".join(p if isinstance(p, str) else f"data: {p.model_dump_json()}\n\n" for p in parts)
@@ -173,3 +196,20 @@ async def sse(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[str]:
 def sse_error(error: ServingError) -> str:
     """Ends a stream whose status line already went out: an error event in the OpenAI shape, then done."""
     return f"data: {json.dumps(error.body())}\n\ndata: [DONE]\n\n"
+
+
+class Feedback(BaseModel):
+    """The body of POST /v1/feedback: a person's verdict on one answer."""
+
+    response_id: str = Field(min_length=1, description="the `id` of the response the feedback is about")
+    overridden: StrictBool = Field(description="whether the person overturned (replaced or rejected) the answer")
+    label: str | None = Field(None, description="a free-form tag, logged with an overturned answer")
+
+
+def parse_feedback(body: dict[str, Any]) -> Feedback:
+    try:
+        return Feedback.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = str(first["loc"][0]) if first["loc"] else None
+        raise BadRequest(f"{param or 'body'}: {first['msg']}", param=param, code="invalid_parameter") from None

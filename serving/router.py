@@ -19,10 +19,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
 
-from serving import attribution, limits, routing
+from serving import attribution, routing
 from serving.auth import Principal, authenticate
 from serving.config import Config, variants_differ
-from serving.errors import BadRequest, Conflict, Forbidden, NotFound, ServingError, TooManyRequests, Unavailable
+from serving.errors import Conflict, Forbidden, NotFound, ServingError, TooManyRequests, Unavailable
 from serving.load import EngineLoad
 from serving.metrics import Metrics
 from serving.protocol import (
@@ -30,8 +30,9 @@ from serving.protocol import (
     engine_error,
     may_need_parsing,
     parse_chunk,
-    parse_request,
+    parse_feedback,
     read_json_body,
+    read_request,
     sse,
     sse_error,
     usage_of,
@@ -43,7 +44,7 @@ from serving.rollout.follower import ControllerLink, Follower
 from serving.rollout.signals import FeedbackSignal, RequestSignal
 from serving.shadow import Shadower
 from serving.tracing import make_tracer, trace_id_hex
-from serving.variants import Kind, VariantClient
+from serving.variants import Endpoint, EngineItem, EngineRequest, VariantClient
 
 logger = logging.getLogger("serving.router")
 
@@ -170,32 +171,40 @@ class RouterCore:
         status["router"]["config_version"] = self.config_version
         return JSONResponse(status)
 
-    async def handle(self, kind: Kind, request: Request) -> Response:
-        with self.tracer.start_as_current_span(f"router {kind}") as span:
-            response = await self.handle_traced(kind, request, span)
+    async def handle(self, endpoint: Endpoint, request: Request) -> Response:
+        """An OpenAI request over HTTP: who asks, what they ask, then `serve`."""
+        with self.tracer.start_as_current_span(f"router {endpoint}") as span:
+            config = self.config  # one snapshot for the whole request
+            principal = authenticate(config, request.headers.get("authorization"))
+            body = await read_json_body(request, config.limits.max_body_bytes)
+            model = body.get("model")
+            if model != config.model:
+                raise NotFound(
+                    f"the model {model!r} does not exist; this server serves {config.model!r}",
+                    param="model",
+                    code="model_not_found",
+                )
+            parsed = read_request(endpoint, body, config.limits)
+            sticky = str(parsed.user or request.headers.get("x-user-id") or principal.key_id)
+            override = request.headers.get("x-variant")
+            response = await self.serve(config, principal, endpoint, parsed, sticky, override, span)
             response.headers["x-trace-id"] = trace_id_hex(span)
             return response
 
-    async def handle_traced(self, kind: Kind, request: Request, span: trace.Span) -> Response:
-        config = self.config  # one snapshot for the whole request
-        principal = authenticate(config, request.headers.get("authorization"))
-        body = await read_json_body(request, config.limits.max_body_bytes)
-        model = body.get("model")
-        if model != config.model:
-            raise NotFound(
-                f"the model {model!r} does not exist; this server serves {config.model!r}",
-                param="model",
-                code="model_not_found",
-            )
-        limits.check_prompt_length(config.limits, kind, body)
-        parsed = parse_request(kind, body)
-        limits.enforce(config.limits, kind, parsed)
-
+    async def serve(
+        self,
+        config: Config,
+        principal: Principal,
+        endpoint: Endpoint,
+        parsed: EngineRequest,
+        sticky: str,
+        override: str | None,
+        span: trace.Span,
+    ) -> Response:
+        """Routes a parsed, bounded request of an authenticated principal to a variant, and answers."""
         tier = config.tiers[principal.tier]
-        override = request.headers.get("x-variant")
         if override is not None and not principal.may_override:
             raise Forbidden("this API key may not pin a variant (x-variant)", param="x-variant", code="override_denied")
-        sticky = str(body.get("user") or request.headers.get("x-user-id") or principal.key_id)
         with self.tracer.start_as_current_span("route") as route_span:
             decision = routing.decide(
                 principal.tier,
@@ -218,7 +227,7 @@ class RouterCore:
         shadow = None
         if tier.shadow is not None and parsed.n in (None, 1):
             shadow = self.shadower.pick_target(decision.variant, tier.shadow.target, tier.shadow.rate)
-        call = Call(self, principal, decision.variant, kind, parsed, shadow)
+        call = Call(self, principal, decision.variant, endpoint, parsed, shadow)
         with self.tracer.start_as_current_span("variant call") as call_span:
             call_span.set_attribute("variant", decision.variant)
             return await call.start()
@@ -226,15 +235,8 @@ class RouterCore:
     async def feedback(self, request: Request) -> JSONResponse:
         config = self.config
         principal = authenticate(config, request.headers.get("authorization"))
-        body = await read_json_body(request, config.limits.max_body_bytes)
-        response_id, overridden = body.get("response_id"), body.get("overridden")
-        if not isinstance(response_id, str) or not response_id:
-            raise BadRequest("response_id must be the id of a response", param="response_id", code="invalid_parameter")
-        if not isinstance(overridden, bool):
-            raise BadRequest("overridden must be true or false", param="overridden", code="invalid_parameter")
-        label = body.get("label")
-        if label is not None and not isinstance(label, str):
-            raise BadRequest("label must be a string", param="label", code="invalid_parameter")
+        vote = parse_feedback(await read_json_body(request, config.limits.max_body_bytes))
+        response_id, overridden, label = vote.response_id, vote.overridden, vote.label
         answered = attribution.verify(self.signing_keys(), response_id, config.limits.feedback_max_age_s)
         if answered.tenant != principal.tenant:
             raise Forbidden("that response was given to another tenant", param="response_id", code="other_tenant")
@@ -267,11 +269,11 @@ class Call:
         core: RouterCore,
         principal: Principal,
         variant: str,
-        kind: Kind,
-        parsed: Any,
+        endpoint: Endpoint,
+        parsed: EngineRequest,
         shadow: tuple[str, str] | None,
     ) -> None:
-        self.core, self.principal, self.variant, self.kind, self.parsed = core, principal, variant, kind, parsed
+        self.core, self.principal, self.variant, self.endpoint, self.parsed = core, principal, variant, endpoint, parsed
         self.shadow = shadow
         self.labels = (variant, principal.tier, "primary")
         self.started = time.monotonic()
@@ -285,7 +287,7 @@ class Call:
             self.core.shadower.preempt(self.variant)
         try:
             engine_request = with_usage(self.parsed) if streamed else self.parsed
-            stream = self.core.variants[self.variant].call(self.kind, engine_request)
+            stream = self.core.variants[self.variant].call(self.endpoint, engine_request)
             first = await anext(stream)
         except StopAsyncIteration:
             self.done()
@@ -304,16 +306,17 @@ class Call:
             self.count("rejected")
             raise error
         first_at = time.monotonic()
-        if hasattr(first, "model_dump"):  # a whole, non-streaming response
+        if not isinstance(first, str | list):  # a whole, non-streaming response
             self.done()
             usage = first.usage
-            self.finish(answer_text(self.kind, first), usage.completion_tokens, usage.prompt_tokens, first_at, False)
+            text = answer_text(self.endpoint, first)
+            self.finish(text, usage.completion_tokens, usage.prompt_tokens, first_at, False)
             return JSONResponse(first.model_dump(mode="json", exclude_none=True), headers=headers)
         # A first token is observable only in a stream.
         metrics.time_to_first_token.labels(*self.labels).observe(first_at - self.started)
         return StreamingResponse(self.relay(first, stream, first_at), media_type="text/event-stream", headers=headers)
 
-    async def relay(self, first: Any, rest: AsyncIterator[Any], first_at: float) -> AsyncIterator[str]:
+    async def relay(self, first: EngineItem, rest: AsyncIterator[EngineItem], first_at: float) -> AsyncIterator[str]:
         text: list[str] = []
         usage: dict[str, Any] = {}
         engine_failed = False
@@ -338,7 +341,7 @@ class Call:
                                 continue  # asked for by the router, not the client
                         for choice in chunk.get("choices") or []:
                             delta = choice.get("delta") or {}
-                            piece = delta.get("content") if self.kind == "chat" else choice.get("text")
+                            piece = delta.get("content") if self.endpoint == "chat" else choice.get("text")
                             if piece:
                                 text.append(piece)
                     kept.append(f"{data}\n\n")
@@ -382,9 +385,9 @@ class Call:
             tpot = (now - self.started) / completion_tokens
         self.count("ok", ttft, tpot)
         if self.shadow is not None:
-            target, pair_kind = self.shadow
+            target, pairing = self.shadow
             self.core.shadower.submit(
-                self.principal.tier, self.variant, target, pair_kind, self.kind, self.parsed, text
+                self.principal.tier, self.variant, target, pairing, self.endpoint, self.parsed, text
             )
 
     def count(self, outcome: str, ttft: float | None = None, tpot: float | None = None) -> None:
@@ -433,14 +436,13 @@ def create_app(core_of: Callable[[], RouterCore], startup: list[Hook] | None = N
     async def models(request: Request) -> JSONResponse:
         core = core_of()
         authenticate(core.config, request.headers.get("authorization"))
-        card = {
-            "id": core.config.model,
-            "object": "model",
-            "created": 0,
-            "owned_by": "precision-serving",
-            "variants": await core.describe_variants(),
-        }
-        return JSONResponse({"object": "list", "data": [card]})
+        # vLLM's own models (they allow extra fields: each variant's precision, dtype and kernels).
+        from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelList
+
+        card = ModelCard(
+            id=core.config.model, created=0, owned_by="precision-serving", variants=await core.describe_variants()
+        )
+        return JSONResponse(ModelList(data=[card]).model_dump(mode="json", exclude_none=True))
 
     @app.get("/admin/rollout")
     async def admin_rollout(request: Request) -> JSONResponse:

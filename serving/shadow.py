@@ -32,7 +32,7 @@ from serving import compare
 from serving.metrics import Metrics
 from serving.protocol import answer_text, new_request_id
 from serving.rollout.signals import ComparisonSignal
-from serving.variants import Kind, VariantClient
+from serving.variants import Endpoint, EngineRequest, VariantClient, WholeAnswer
 
 logger = logging.getLogger("serving.shadow")
 
@@ -64,7 +64,7 @@ class Shadower:
         self.on_compared: Callable[[ComparisonSignal], None] | None = None  # signals for the rollout controller
 
     def pick_target(self, primary: str, target: str, rate: float) -> tuple[str, str] | None:
-        """Whether to shadow this request, and against what: (target, kind). A share of the sampled
+        """Whether to shadow this request, and against what: (target, pairing). A share of the sampled
         requests is paired with the primary variant itself, to measure the noise floor."""
         if rate <= 0 or self.rng.random() >= rate:
             return None
@@ -75,7 +75,14 @@ class Shadower:
         return target, "candidate"
 
     def submit(
-        self, tier: str, primary: str, target: str, kind_of_pair: str, kind: Kind, request: Any, primary_text: str
+        self,
+        tier: str,
+        primary: str,
+        target: str,
+        pairing: str,
+        endpoint: Endpoint,
+        request: EngineRequest,
+        primary_text: str,
     ) -> bool:
         if max(self.in_flight(primary), self.in_flight(target)) > self.max_primary_in_flight:
             self.metrics.shadow_dropped.labels(tier, "busy").inc()
@@ -84,7 +91,7 @@ class Shadower:
             self.metrics.shadow_dropped.labels(tier, "saturated").inc()
             return False
         task = asyncio.get_running_loop().create_task(
-            self.run(tier, primary, target, kind_of_pair, kind, request, primary_text)
+            self.run(tier, primary, target, pairing, endpoint, request, primary_text)
         )
         self.tasks[task] = (tier, primary, target)
         task.add_done_callback(self.forget)
@@ -105,14 +112,21 @@ class Shadower:
         return cancelled
 
     async def run(
-        self, tier: str, primary: str, target: str, kind_of_pair: str, kind: Kind, request: Any, primary_text: str
+        self,
+        tier: str,
+        primary: str,
+        target: str,
+        pairing: str,
+        endpoint: Endpoint,
+        request: EngineRequest,
+        primary_text: str,
     ) -> None:
-        labels = (tier, primary, target, kind_of_pair)
+        labels = (tier, primary, target, pairing)
         try:
             # Started inside the request's context, so the span is a child of the request's trace.
             with self.tracer.start_as_current_span("shadow comparison") as span:
-                span.set_attributes({"tier": tier, "primary": primary, "shadow": target, "kind": kind_of_pair})
-                result = await self.compare_pair(kind, request, primary, target, primary_text)
+                span.set_attributes({"tier": tier, "primary": primary, "shadow": target, "kind": pairing})
+                result = await self.compare_pair(endpoint, request, primary, target, primary_text)
                 span.set_attributes({"disagree": result.disagree, "token_agreement": result.token_agreement})
         except Exception as exc:
             logger.warning("shadow comparison %s vs %s failed: %r", primary, target, exc)
@@ -128,34 +142,36 @@ class Shadower:
             self.on_compared(ComparisonSignal(*labels, result.disagree, result.score_drift))
 
     async def compare_pair(
-        self, kind: Kind, request: Any, primary: str, target: str, primary_text: str
+        self, endpoint: Endpoint, request: EngineRequest, primary: str, target: str, primary_text: str
     ) -> compare.Comparison:
-        shadow_answer = await self.answer(target, kind, replay(request))
-        shadow_text = answer_text(kind, shadow_answer)
+        shadow_answer = await self.answer(target, endpoint, replay(request))
+        shadow_text = answer_text(endpoint, shadow_answer)
         prompt_len = int(shadow_answer.usage.prompt_tokens)
-        primary_ids, primary_lps = await self.score(primary, kind, request, primary_text, prompt_len)
-        _, shadow_lps = await self.score(target, kind, request, primary_text, prompt_len)
-        shadow_ids, _ = await self.score(target, kind, request, shadow_text, prompt_len)
+        primary_ids, primary_lps = await self.score(primary, endpoint, request, primary_text, prompt_len)
+        _, shadow_lps = await self.score(target, endpoint, request, primary_text, prompt_len)
+        shadow_ids, _ = await self.score(target, endpoint, request, shadow_text, prompt_len)
         return compare.compare(primary_text, shadow_text, primary_ids, shadow_ids, primary_lps, shadow_lps)
 
-    async def answer(self, variant: str, kind: Kind, request: Any) -> Any:
+    async def answer(self, variant: str, endpoint: Endpoint, request: EngineRequest) -> WholeAnswer:
         started = asyncio.get_running_loop().time()
-        async for item in self.variants[variant].call(kind, request):
+        async for item in self.variants[variant].call(endpoint, request):
             self.metrics.request_duration.labels(variant, "-", "shadow").observe(
                 asyncio.get_running_loop().time() - started
             )
+            if isinstance(item, str | list):
+                raise RuntimeError("the shadow engine streamed where a whole answer was asked for")
             if getattr(item, "error", None) is not None and not hasattr(item, "choices"):
                 raise RuntimeError(f"the shadow engine refused: {item.error.message}")
             return item
         raise RuntimeError("the shadow engine returned nothing")
 
     async def score(
-        self, variant: str, kind: Kind, request: Any, text: str, prompt_len: int
+        self, variant: str, endpoint: Endpoint, request: EngineRequest, text: str, prompt_len: int
     ) -> tuple[list[int], list[float]]:
         """Teacher-forces `text` after the request's prompt; returns its token ids and log-probs."""
-        scored = await self.answer(variant, kind, scoring_request(kind, request, text))
+        scored = await self.answer(variant, endpoint, scoring_request(endpoint, request, text))
         # Chat responses carry the prompt's tokens on the response, completions on the choice.
-        holder = scored if kind == "chat" else scored.choices[0]
+        holder = scored if endpoint == "chat" else scored.choices[0]
         ids = list(holder.prompt_token_ids or [])[prompt_len:]
         positions = list(holder.prompt_logprobs or [])[prompt_len:]
         return ids, [logprob_of(token, position) for token, position in zip(ids, positions, strict=False)]
@@ -170,16 +186,17 @@ def logprob_of(token: int, position: Any) -> float:
     return float(value)
 
 
-def replay(request: Any) -> Any:
+def replay(request: EngineRequest) -> EngineRequest:
     update = {"stream": False, "n": 1, "stream_options": None, "request_id": new_request_id()}
     return request.model_copy(update={**update, "priority": SHADOW_PRIORITY})
 
 
-def scoring_request(kind: Kind, request: Any, text: str) -> Any:
+def scoring_request(endpoint: Endpoint, request: EngineRequest, text: str) -> EngineRequest:
     common = {
         "stream": False,
         "n": 1,
         "max_tokens": 1,
+        "min_tokens": 0,  # the client's min_tokens would exceed max_tokens: the engine refuses that
         "prompt_logprobs": 0,
         "return_token_ids": True,
         "stream_options": None,
@@ -188,7 +205,7 @@ def scoring_request(kind: Kind, request: Any, text: str) -> Any:
         "request_id": new_request_id(),
         "priority": SHADOW_PRIORITY,
     }
-    if kind == "chat":
+    if endpoint == "chat":
         messages = [*request.messages, {"role": "assistant", "content": text}]
         return request.model_copy(
             update={

@@ -8,15 +8,27 @@ object (or an `ErrorResponse`); for a streaming request batches of ready SSE str
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
 
-Kind = Literal["chat", "completions"]
+if TYPE_CHECKING:  # the protocol models are imported where they are built: importing them costs seconds
+    from ray.serve.llm.openai_api_models import (
+        ChatCompletionRequest,
+        ChatCompletionResponse,
+        CompletionRequest,
+        CompletionResponse,
+        ErrorResponse,
+    )
+
+Endpoint = Literal["chat", "completions"]  # the OpenAI endpoint: /v1/chat/completions or /v1/completions
+EngineRequest: TypeAlias = "ChatCompletionRequest | CompletionRequest"
+WholeAnswer: TypeAlias = "ChatCompletionResponse | CompletionResponse"
+# What a call yields: a whole answer, or batches of SSE strings (one string or a list), or the engine's error.
+EngineItem: TypeAlias = "WholeAnswer | ErrorResponse | str | list[str]"
 
 
 class VariantClient(Protocol):
-    def call(self, kind: Kind, request: Any) -> AsyncIterator[Any]: ...
+    def call(self, endpoint: Endpoint, request: EngineRequest) -> AsyncIterator[EngineItem]: ...
 
     async def healthy(self) -> bool:
         """Whether the variant answers a real one-token generation now."""
@@ -34,8 +46,8 @@ class RayVariant:
         self._handle = handle.options(stream=True)
         self._unary = handle
 
-    async def call(self, kind: Kind, request: Any) -> AsyncIterator[Any]:
-        async for item in getattr(self._handle, kind).remote(request, None):
+    async def call(self, endpoint: Endpoint, request: EngineRequest) -> AsyncIterator[EngineItem]:
+        async for item in getattr(self._handle, endpoint).remote(request, None):
             yield item
 
     async def healthy(self) -> bool:
@@ -76,33 +88,28 @@ class FakeVariant:
         self.fail_midstream = fail_midstream  # raised after the first streamed chunk
         self.error_status = error_status
         self.delay_s = delay_s
-        self.requests: list[Any] = []
+        self.requests: list[EngineRequest] = []
         self.health_checks = 0
 
     @staticmethod
-    def words(kind: Kind, request: Any) -> list[str]:
-        if kind == "chat":
+    def words(endpoint: Endpoint, request: EngineRequest) -> list[str]:
+        if endpoint == "chat":
             return " ".join(
                 str(m.get("content") if isinstance(m, dict) else m.content) for m in request.messages
             ).split()
         return str(request.prompt).split()
 
-    def response_id(self, kind: Kind, request: Any) -> str:
+    def response_id(self, endpoint: Endpoint, request: EngineRequest) -> str:
         """Named after the request id, as vLLM names its responses."""
         request_id = getattr(request, "request_id", None) or f"{self.name}-{len(self.requests)}"
-        return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{request_id}"
+        return f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{request_id}"
 
     @staticmethod
     def token(word: str) -> int:
         return sum(word.encode()) % 1000
 
-    async def call(self, kind: Kind, request: Any) -> AsyncIterator[Any]:
-        from ray.llm._internal.serve.core.configs.openai_api_models import (
-            ChatCompletionResponse,
-            CompletionResponse,
-            ErrorInfo,
-            ErrorResponse,
-        )
+    async def call(self, endpoint: Endpoint, request: EngineRequest) -> AsyncIterator[EngineItem]:
+        from ray.serve.llm.openai_api_models import ChatCompletionResponse, CompletionResponse, ErrorResponse
 
         self.requests.append(request)
         if self.delay_s:
@@ -112,45 +119,46 @@ class FakeVariant:
         if self.fail is not None:
             raise self.fail
         if self.error_status is not None:
-            info = ErrorInfo(message="rejected by the engine", type="BadRequestError", code=self.error_status)
+            info = {"message": "rejected by the engine", "type": "BadRequestError", "code": self.error_status}
             yield ErrorResponse(error=info)
             return
         text = self.answer
-        prompt, answer_words = self.words(kind, request), len(text.split())
+        prompt, answer_words = self.words(endpoint, request), len(text.split())
         usage = {
             "prompt_tokens": len(prompt),
             "completion_tokens": answer_words,
             "total_tokens": len(prompt) + answer_words,
         }
-        if getattr(request, "stream", False):
+        if request.stream:
             import asyncio
 
+            from ray.serve.llm.openai_api_models import ChatCompletionStreamResponse, CompletionStreamResponse
+
+            chunk_model = ChatCompletionStreamResponse if endpoint == "chat" else CompletionStreamResponse
+            header = {"id": self.response_id(endpoint, request), "model": request.model}
             words = text.split(" ")
-            header = {
-                "id": self.response_id(kind, request),
-                "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-                "model": request.model,
-            }
             for start in range(0, len(words), self.words_per_chunk):
                 if start and self.chunk_delay_s:
                     await asyncio.sleep(self.chunk_delay_s)
                 piece = " ".join(words[start : start + self.words_per_chunk]) + " "
-                chunk = {**header, "choices": [{"index": 0, "delta": {"content": piece}, "text": piece}]}
-                yield [f"data: {json.dumps(chunk)}\n\n"]
+                part = {"index": 0, "delta": {"content": piece}} if endpoint == "chat" else {"index": 0, "text": piece}
+                chunk = chunk_model(**header, choices=[part])
+                yield [f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"]
                 if self.fail_midstream is not None:
                     raise self.fail_midstream
-            options = getattr(request, "stream_options", None)
+            options = request.stream_options
             if options is not None and options.include_usage:  # as vLLM: a last chunk, no choices
-                yield [f"data: {json.dumps({**header, 'choices': [], 'usage': usage})}\n\n"]
+                closing = chunk_model(**header, choices=[], usage=usage)
+                yield [f"data: {closing.model_dump_json(exclude_unset=True)}\n\n"]
             return
-        extra: dict[str, Any] = {"id": self.response_id(kind, request), "model": request.model, "usage": usage}
+        extra: dict[str, Any] = {"id": self.response_id(endpoint, request), "model": request.model, "usage": usage}
         if getattr(request, "prompt_logprobs", None) is not None:
             ids = [self.token(w) for w in prompt]
             extra["prompt_token_ids"] = ids
             extra["prompt_logprobs"] = [None] + [
                 {i: {"logprob": -((i + sum(self.name.encode())) % 13) / 4}} for i in ids[1:]
             ]
-        if kind == "chat":
+        if endpoint == "chat":
             message = {"role": "assistant", "content": text}
             yield ChatCompletionResponse(choices=[{"index": 0, "message": message, "finish_reason": "stop"}], **extra)
         else:  # completions carry the prompt's tokens and log-probs on the choice, as vLLM's do

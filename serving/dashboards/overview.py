@@ -12,16 +12,18 @@ RATE = "[$__rate_interval]"
 QUANTILES = (0.5, 0.95, 0.99)
 
 # vLLM's engine metrics carry no variant: every engine serves the same model name. Ray Serve's request
-# counter of the engine's replica maps its worker to the deployment (variant-<name>), the join Ray's own
-# Serve LLM dashboard makes; `* 0 + 1` keeps the engine's value unchanged.
-ENGINE_DEPLOYMENT = (
-    " * on (WorkerId) group_left (deployment) max by (WorkerId, deployment)"
-    ' (ray_serve_deployment_request_counter_total{deployment=~"variant-($variant)"} * 0 + 1)'
+# counter of the engine's replica maps its worker to the deployment (VariantServer:variant-<name>), the join
+# Ray's own Serve LLM dashboard makes; `* 0 + 1` keeps the engine's value unchanged. The counter exists from
+# the replica's first health check on, so the join holds before any traffic.
+ENGINE_VARIANT = (
+    " * on (WorkerId) group_left (variant) max by (WorkerId, variant) (label_replace("
+    'ray_serve_deployment_request_counter_total{deployment=~".*variant-($variant)"},'
+    ' "variant", "$1", "deployment", ".*variant-(.+)") * 0 + 1)'
 )
 
 
 def engine(metric: str) -> str:
-    return f"sum by (deployment) (sum by (WorkerId) ({metric}){ENGINE_DEPLOYMENT})"
+    return f"sum by (variant) (sum by (WorkerId) ({metric}){ENGINE_VARIANT})"
 
 
 def latency(metric: str) -> list[Query]:
@@ -41,6 +43,13 @@ def requests(outcome: str) -> str:
     return f"sum by (variant, tier) (rate(ray_serving_requests_total{selector}{RATE}))"
 
 
+def or_zero(expr: str) -> str:
+    """`expr`, or 0 for every variant and tier that answered: a counter series is born at its first event,
+    so without this a healthy variant would show no data where it has none, not a zero."""
+    answered = requests('!="rejected"')
+    return f"({expr} or 0 * {answered})"
+
+
 def build(rollback: RollbackConfig) -> list[dashboard_builders.Row | timeseries.Panel]:
     """The rows and panels, in order; the dashboard's grid follows it."""
     return [
@@ -58,7 +67,7 @@ def build(rollback: RollbackConfig) -> list[dashboard_builders.Row | timeseries.
             "Requests refused as invalid (outcome=rejected, 400s) are the caller's and shown apart.",
             "reqps",
             [
-                Query(requests('="error"'), "{{variant}} / {{tier}} error"),
+                Query(or_zero(requests('="error"')), "{{variant}} / {{tier}} error"),
                 Query(requests('="rejected"'), "{{variant}} / {{tier}} rejected"),
             ],
         ),
@@ -69,7 +78,7 @@ def build(rollback: RollbackConfig) -> list[dashboard_builders.Row | timeseries.
             "candidate by the Wilson lower bound of this rate, so the raw rate may cross the line briefly without a "
             "rollback.",
             "percentunit",
-            [Query(requests('="error"') + " / " + requests('!="rejected"'), "{{variant}} / {{tier}}")],
+            [Query(or_zero(requests('="error"')) + " / " + requests('!="rejected"'), "{{variant}} / {{tier}}")],
             threshold=rollback.max_error_rate,
             minimum=0,
         ),
@@ -142,12 +151,12 @@ def build(rollback: RollbackConfig) -> list[dashboard_builders.Row | timeseries.
         row("Engines (vLLM's own metrics, exported by Ray)"),
         panel(
             "Engine requests running and waiting",
-            "Requests each engine is running and holding in its queue (vLLM's scheduler), by engine deployment "
-            "(variant-<name>). A growing queue means the engine is the bottleneck, not the router.",
+            "Requests each engine is running and holding in its queue (vLLM's scheduler), by the variant the "
+            "engine serves. A growing queue means the engine is the bottleneck, not the router.",
             "short",
             [
-                Query(engine("ray_vllm_num_requests_running"), "{{deployment}} running"),
-                Query(engine("ray_vllm_num_requests_waiting"), "{{deployment}} waiting"),
+                Query(engine("ray_vllm_num_requests_running"), "{{variant}} running"),
+                Query(engine("ray_vllm_num_requests_waiting"), "{{variant}} waiting"),
             ],
             minimum=0,
         ),
@@ -155,7 +164,7 @@ def build(rollback: RollbackConfig) -> list[dashboard_builders.Row | timeseries.
             "Engine KV cache use",
             "Share of each engine's KV cache blocks in use. Near 100 %, the engine preempts or queues requests.",
             "percentunit",
-            [Query(engine("ray_vllm_kv_cache_usage_perc"), "{{deployment}}")],
+            [Query(engine("ray_vllm_kv_cache_usage_perc"), "{{variant}}")],
             minimum=0,
         ),
     ]

@@ -67,6 +67,7 @@ class PanelResult:
     title: str
     series: int = 0
     errors: list[str] = field(default_factory=list)
+    empty_queries: list[str] = field(default_factory=list)  # refIds whose query returned no series
 
 
 @dataclass
@@ -84,10 +85,18 @@ class Report:
     def empty(self) -> list[str]:
         return [p.title for p in self.panels if not p.errors and p.series == 0]
 
+    @property
+    def empty_queries(self) -> list[str]:
+        """Every query that returned nothing, as "panel title (refId)": a panel may draw lines and still
+        have a query (say, its noise floor) that never found data."""
+        return [f"{p.title} ({ref})" for p in self.panels for ref in p.empty_queries]
+
     def lines(self) -> list[str]:
         found = [f"{self.dashboard}: {len(self.panels)} panels"]
         for p in self.panels:
             state = "; ".join(p.errors) if p.errors else f"{p.series} series" if p.series else "no data"
+            if p.series and p.empty_queries:
+                state += f" (no data from {', '.join(p.empty_queries)})"
             found.append(f"  {p.title}: {state}")
         found += [f"  annotation {name}: {count} events" for name, count in self.annotations.items()]
         return found
@@ -184,6 +193,8 @@ def render(data: dict[str, Any], fetch: Fetch, start: float, end: float, out: Pa
             except QueryError as exc:
                 result.errors.append(f"{target.get('refId', '?')}: {exc}")
                 continue
+            if not series:
+                result.empty_queries.append(str(target.get("refId", "?")))
             found += [(legend(target.get("legendFormat", ""), s.labels), s) for s in series]
         result.series = len(found)
         report.panels.append(result)

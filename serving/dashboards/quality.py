@@ -58,10 +58,13 @@ def above_floor(numerator: str, denominator: str, window: str) -> str:
 
 
 def override_rate(window: str) -> str:
-    """Overturned answers over answered requests, by tier and variant: what the override check compares."""
-    answered = f'{PRIMARY_ROLE}, outcome!="rejected", {TIER}'
+    """Overturned answers over answered requests, by tier and variant: what the override check compares.
+    A variant nobody overturned has no override series yet: its rate is 0, not missing (it is the
+    baseline the candidate's rate is compared with)."""
+    answered_selector = f'{PRIMARY_ROLE}, outcome!="rejected", {TIER}'
+    answered = f"sum by (tier, variant) (rate(ray_serving_requests_total{{{answered_selector}}}[{window}]))"
     overridden = f'sum by (tier, variant) (rate(ray_serving_overrides_total{{kind="feedback", {TIER}}}[{window}]))'
-    return f"({overridden} / sum by (tier, variant) (rate(ray_serving_requests_total{{{answered}}}[{window}])))"
+    return f"(({overridden} or 0 * {answered}) / {answered})"
 
 
 def build(rollback: RollbackConfig) -> list[dashboard_builders.Row | timeseries.Panel]:

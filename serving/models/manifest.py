@@ -133,3 +133,54 @@ def read_manifest(folder: Path, *, verify_weights: bool = False) -> dict[str, An
     if verify_weights and weights_sha256(folder) != manifest["weights_sha256"]:
         raise ManifestError(f"the weights in {folder} do not match the hash in its manifest")
     return manifest
+
+
+# The release gate (serving.release): a candidate's verdicts against each baseline it was evaluated
+# against, keyed by that baseline's weights hash, so a rebuilt baseline needs a new evaluation. The build
+# writes a fresh manifest, so a rebuilt candidate starts with no gates at all.
+GATES = "gates"
+
+
+def _rewrite(folder: Path, change: Any) -> dict[str, Any]:
+    """Reads the checked manifest, lets `change` edit it, and replaces the file in one rename."""
+    found = read_manifest(folder)
+    change(found)
+    path = folder / MANIFEST_NAME
+    scratch = path.with_suffix(".json.tmp")
+    scratch.write_text(json.dumps(found, indent=2, sort_keys=True) + "\n")
+    scratch.replace(path)
+    return found
+
+
+def record_gate(folder: Path, baseline_sha256: str, gate: dict[str, Any]) -> dict[str, Any]:
+    """Records an evaluation's verdict against one baseline; it replaces any earlier one and its sign-offs."""
+
+    def change(found: dict[str, Any]) -> None:
+        found.setdefault(GATES, {})[baseline_sha256] = {**gate, "sign_offs": []}
+
+    return _rewrite(folder, change)
+
+
+def gate_for(found: dict[str, Any], baseline_sha256: str) -> dict[str, Any] | None:
+    gate: dict[str, Any] | None = found.get(GATES, {}).get(baseline_sha256)
+    return gate
+
+
+def record_sign_off(folder: Path, baseline_sha256: str, by: str) -> dict[str, Any]:
+    """Adds a named sign-off to the passed gate against that baseline; refuses a missing or failed gate."""
+
+    def change(found: dict[str, Any]) -> None:
+        gate = gate_for(found, baseline_sha256)
+        if gate is None:
+            raise ManifestError(f"{folder} has no release gate against the baseline {baseline_sha256[:16]}")
+        if not gate["passed"]:
+            raise ManifestError(f"{folder} failed its release gate ({gate['report']['path']}); nothing to sign off")
+        gate["sign_offs"].append(
+            {
+                "by": by,
+                "at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "report_sha256": gate["report"]["sha256"],
+            }
+        )
+
+    return _rewrite(folder, change)

@@ -5,25 +5,29 @@ replicas, because nothing in a replica may assume it is the only one (metrics, f
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+import yaml
 
-from serving.config import hash_key
+from serving.config import Config, KeyConfig, hash_key, load_config
+from tests.polling import poll_until
 
 REPO = Path(__file__).resolve().parents[2]
 PORT = 18_321
 METRICS_PORT = 18_322  # the node's Ray metrics agent: every replica's metrics, the router's and the engines'
 BASE = f"http://127.0.0.1:{PORT}"
 METRICS_URL = f"http://127.0.0.1:{METRICS_PORT}/metrics"
+PROMETHEUS_PORT = 18_390
 ROUTER_REPLICAS = 2
 
 
@@ -43,37 +47,80 @@ def write_config(
     shadow_rate: float = 0.2,
     rollback: bool = False,
 ) -> None:
-    """The demo config (deploy/demo.yaml) pointed at the test's family, ports and state file, with the
-    given weights, shadow rate and rollback switch, plus one premium key that may override, and
-    ROUTER_REPLICAS router replicas. Automatic
-    rollback is off unless a test turns it on: the other tests need the awq candidate to keep serving."""
-    text = (REPO / "deploy" / "tiny.yaml").read_text()
-    text = text.replace("../models/tiny", str(family)).replace("port: 8000", f"port: {PORT}")
-    text = text.replace("metrics_port: 8080", f"metrics_port: {METRICS_PORT}")
-    text = text.replace("../state/rollout-state.json", str(path.parent / "rollout-state.json"))
-    text = text.replace("weight: 50.0                                    #", f"weight: {standard_weight} #", 1)
-    text = text.replace("    weight: 50.0\n", f"    weight: {batch_weight}\n", 1)
-    text = text.replace("rate: 0.2}", f"rate: {shadow_rate}}}")
-    text = text.replace("rollback:\n", f"rollback:\n  enabled: {str(rollback).lower()}\n", 1)
-    premium_admin = f"  - {{sha256: {hash_key('test-premium-admin')}, tenant: t, tier: premium, may_override: true}}\n"
-    text = text.replace("\nlimits:", f"\n{premium_admin}\nlimits:", 1)
-    text += f"router: {{replicas: {ROUTER_REPLICAS}}}\n"
-    path.write_text(text)
+    """The tiny demo config (deploy/tiny.yaml), changed through the config model: pointed at the test's family,
+    ports and state file, with the given weights, shadow rate (both shadowed tiers) and rollback switch, plus
+    one premium key that may override, and ROUTER_REPLICAS router replicas. Automatic rollback is off unless a
+    test turns it on: the other tests need the awq candidate to keep serving. The defaults are the stack's
+    starting config: a test that applies other settings applies `write_config`'s defaults again when done."""
+    demo = load_config(REPO / "deploy" / "tiny.yaml")
+    variants = {
+        name: v.model_copy(update={"path": family / v.path.name}) if v.path is not None else v
+        for name, v in demo.variants.items()
+    }
+    weights = {"standard": standard_weight, "batch": batch_weight}
+    tiers = {}
+    for name, tier in demo.tiers.items():
+        changes: dict[str, object] = {}
+        if name in weights:
+            changes["weight"] = weights[name]
+        if tier.shadow is not None:
+            changes["shadow"] = tier.shadow.model_copy(update={"rate": shadow_rate})
+        tiers[name] = tier.model_copy(update=changes)
+    premium_admin = KeyConfig(sha256=hash_key("test-premium-admin"), tenant="t", tier="premium", may_override=True)
+    config = demo.model_copy(
+        update={
+            "variants": variants,
+            "tiers": tiers,
+            "keys": (*demo.keys, premium_admin),
+            "server": demo.server.model_copy(update={"port": PORT}),
+            "observability": demo.observability.model_copy(update={"metrics_port": METRICS_PORT}),
+            "rollback": demo.rollback.model_copy(
+                update={"enabled": rollback, "state_file": path.parent / "rollout-state.json"}
+            ),
+            "router": demo.router.model_copy(update={"replicas": ROUTER_REPLICAS}),
+        }
+    )
+    # Validated again as `serving apply` will read it (model_copy does not validate), then written.
+    Config.model_validate(config.model_dump())
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_none=True), sort_keys=False))
 
 
 def apply_config(stack: Stack, **settings: float | bool) -> subprocess.CompletedProcess[str]:
-    """Edits the config file, applies it with the documented command, and waits until the router runs it."""
+    """Writes the config file with these settings (`write_config`'s defaults for the rest), applies it with the
+    documented command, and waits until the router runs it."""
     write_config(stack.config, stack.family, **settings)  # type: ignore[arg-type]
     done = subprocess.run(
         [sys.executable, "-m", "serving.cli", "apply", str(stack.config)], capture_output=True, text=True, check=False
     )
     if done.returncode == 0:
         version = int(done.stdout.split("config version ")[1].split(";")[0])
-        deadline = time.monotonic() + 30
-        while httpx.get(f"{BASE}/health", timeout=5).json()["config_version"] < version:
-            assert time.monotonic() < deadline, "the router did not take the applied config within 30 s"
-            time.sleep(0.2)
+        poll_until(
+            lambda: httpx.get(f"{BASE}/health", timeout=5).json()["config_version"] >= version,
+            f"the router to run config version {version}",
+            interval_s=0.2,
+        )
     return done
+
+
+Configure = Callable[..., None]
+
+
+@pytest.fixture
+def configure(stack: Stack) -> Iterator[Configure]:
+    """Applies settings to the session's stack for one test (`apply_config`'s keywords), and after the test,
+    whatever its outcome, the stack's starting config again: no test sees settings another test left."""
+    changed = False
+
+    def apply(**settings: float | bool) -> None:
+        nonlocal changed
+        changed = True
+        done = apply_config(stack, **settings)
+        assert done.returncode == 0, done.stderr
+
+    yield apply
+    if changed:
+        restored = apply_config(stack)
+        assert restored.returncode == 0, restored.stderr
 
 
 def wait_for_http(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> None:
@@ -125,4 +172,38 @@ def stack(tiny_family: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             process.wait(timeout=120)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Prometheus server (Debian's package) scraping the stack's metrics agent every second, for the
+    whole session: the contract test and the every-panel test read the same one."""
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus is not installed; `make test` installs it (scripts/install-test-tools.sh)"
+    folder = tmp_path_factory.mktemp("prometheus")
+    config = folder / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: serving\n    static_configs: [{{targets: ['127.0.0.1:{METRICS_PORT}']}}]\n"
+    )
+    log = (folder / "prometheus.log").open("w")
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={folder / 'data'}",
+            f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{PROMETHEUS_PORT}"
+    try:
+        wait_for_http(f"{url}/-/ready", process, Path(log.name), timeout_s=60)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
         log.close()

@@ -4,21 +4,22 @@ with data, and a request is counted once whichever router replica served it."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import BASE, METRICS_PORT, ROUTER_REPLICAS, Stack, apply_config, wait_for_http
+from tests.integration.conftest import (
+    BASE,
+    ROUTER_REPLICAS,
+    Configure,
+    Stack,
+)
+from tests.polling import poll_until
 
 pytestmark = pytest.mark.integration
 
-PROMETHEUS_PORT = 18_390
 CONTRACT = [
     "ray_serving_request_duration_seconds_bucket",
     "ray_serving_time_to_first_token_seconds_bucket",
@@ -42,38 +43,6 @@ CONTRACT = [
 ]
 
 
-@pytest.fixture(scope="module")
-def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = shutil.which("prometheus")
-    assert binary, "prometheus is not installed; `make test` installs it (scripts/install-test-tools.sh)"
-    folder = tmp_path_factory.mktemp("prometheus")
-    config = folder / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        f"  - job_name: serving\n    static_configs: [{{targets: ['127.0.0.1:{METRICS_PORT}']}}]\n"
-    )
-    log = (folder / "prometheus.log").open("w")
-    process = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={folder / 'data'}",
-            f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{PROMETHEUS_PORT}"
-    try:
-        wait_for_http(f"{url}/-/ready", process, Path(log.name), timeout_s=60)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
-
-
 def query(url: str, promql: str) -> list[dict[str, object]]:
     answer = httpx.get(f"{url}/api/v1/query", params={"query": promql}, timeout=10).json()
     assert answer["status"] == "success", answer
@@ -81,8 +50,8 @@ def query(url: str, promql: str) -> list[dict[str, object]]:
     return result
 
 
-def test_prometheus_scrapes_every_metric_of_the_contract(stack: Stack, prometheus: str) -> None:
-    assert apply_config(stack, shadow_rate=1.0).returncode == 0
+def test_prometheus_scrapes_every_metric_of_the_contract(stack: Stack, prometheus: str, configure: Configure) -> None:
+    configure(shadow_rate=1.0)  # every answer shadowed; the `configure` fixture restores the starting config after
     batch = openai.OpenAI(base_url=f"{BASE}/v1", api_key="demo-batch", max_retries=0, timeout=120)
     for i in range(8):
         batch.chat.completions.create(
@@ -110,12 +79,10 @@ def test_prometheus_scrapes_every_metric_of_the_contract(stack: Stack, prometheu
         headers={"authorization": "Bearer demo-admin"},
     ).raise_for_status()
 
-    missing = CONTRACT
-    deadline = time.monotonic() + 90
-    while missing and time.monotonic() < deadline:
-        time.sleep(2)
-        missing = [name for name in CONTRACT if not query(prometheus, name)]
-    assert missing == [], f"not scraped: {missing}"
+    def missing() -> list[str]:
+        return [name for name in CONTRACT if not query(prometheus, name)]
+
+    poll_until(lambda: not missing(), "every metric of the contract in Prometheus", timeout_s=90, interval_s=2)
     assert query(prometheus, 'up{job="serving"} == 1')
     kinds = {r["metric"]["kind"] for r in query(prometheus, "ray_serving_overrides_total")}  # type: ignore[index]
     assert kinds >= {"routing", "feedback"}
@@ -142,10 +109,8 @@ def test_every_request_is_counted_once_whichever_router_replica_served_it(stack:
         after = per_replica(prometheus, served)
         return {replica: after[replica] - before.get(replica, 0.0) for replica in after}
 
-    deadline = time.monotonic() + 30
-    while sum(counted().values()) < sent and time.monotonic() < deadline:
-        time.sleep(1)
-    time.sleep(3)  # nothing more arrives: no request is counted twice
+    poll_until(lambda: sum(counted().values()) >= sent, f"{sent} requests counted in Prometheus", interval_s=1)
+    time.sleep(3)  # a check that nothing more arrives (no request counted twice): an absence has no event to await
     by_replica = counted()
     assert sum(by_replica.values()) == sent, by_replica
     # Ray Serve spread the requests over the replicas (all 40 on one: about 1 in 2**39), and each one's

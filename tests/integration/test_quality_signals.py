@@ -12,7 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.launch import METRICS_REPORT_INTERVAL_MS
-from tests.integration.conftest import BASE, METRICS_URL, Stack, apply_config
+from tests.integration.conftest import BASE, METRICS_URL, Configure, Stack
+from tests.polling import poll_until
 
 pytestmark = pytest.mark.integration
 
@@ -34,18 +35,21 @@ def total(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: st
 
 
 def wait_for_shadows(expected_comparisons: float, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    """Waits until this many shadow comparisons are done (compared or dropped); fails the test if they are not."""
+
+    def done() -> float:
         samples = scrape()
-        done = total(samples, "ray_serving_shadow_comparisons_total") + total(
+        return total(samples, "ray_serving_shadow_comparisons_total") + total(
             samples, "ray_serving_shadow_dropped_total"
         )
-        if done >= expected_comparisons:
-            return
-        time.sleep(1)
+
+    poll_until(
+        lambda: done() >= expected_comparisons, f"{expected_comparisons:.0f} shadow comparisons", timeout_s=timeout_s
+    )
 
 
-def test_shadowing_does_not_delay_the_primary_answer(stack: Stack) -> None:
+def test_shadowing_does_not_delay_the_primary_answer(stack: Stack, configure: Configure) -> None:
+    # Changes the shadow rate; the `configure` fixture restores the starting config afterwards.
     api = openai.OpenAI(base_url=f"{BASE}/v1", api_key="demo-batch", max_retries=0, timeout=120)
 
     def latencies(tag: str) -> list[float]:
@@ -65,9 +69,9 @@ def test_shadowing_does_not_delay_the_primary_answer(stack: Stack) -> None:
             time.sleep(0.4)
         return measured
 
-    assert apply_config(stack, shadow_rate=0.0).returncode == 0
+    configure(shadow_rate=0.0)
     without = latencies("off")
-    assert apply_config(stack, shadow_rate=1.0).returncode == 0
+    configure(shadow_rate=1.0)
     before = total(scrape(), "ray_serving_shadow_comparisons_total")
     with_shadow = latencies("on")
     wait_for_shadows(before + 20)
@@ -83,8 +87,9 @@ def test_shadowing_does_not_delay_the_primary_answer(stack: Stack) -> None:
     assert on / off < 1.5
 
 
-def test_awq_drifts_and_disagrees_more_than_int8(stack: Stack) -> None:
-    assert apply_config(stack, shadow_rate=1.0).returncode == 0
+def test_awq_drifts_and_disagrees_more_than_int8(stack: Stack, configure: Configure) -> None:
+    # Changes the shadow rate; the `configure` fixture restores the starting config afterwards.
+    configure(shadow_rate=1.0)
     api = openai.OpenAI(base_url=f"{BASE}/v1", api_key="demo-batch", max_retries=0, timeout=120)
     before = scrape()
     served: dict[str, int] = defaultdict(int)

@@ -12,7 +12,8 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from serving import hardware
-from tests.integration.conftest import BASE, METRICS_PORT, Stack, apply_config, served_variants
+from tests.integration.conftest import BASE, METRICS_PORT, Configure, Stack, apply_config, served_variants
+from tests.polling import poll_until_async
 from tests.unit.test_hostile import hostile_bodies
 
 pytestmark = pytest.mark.integration
@@ -189,7 +190,8 @@ def test_64_concurrent_requests_all_succeed(stack: Stack) -> None:
     assert set(served) == {"fp16", "int8", "awq"}
 
 
-def test_weights_change_under_load_with_zero_failed_requests(stack: Stack) -> None:
+def test_weights_change_under_load_with_zero_failed_requests(stack: Stack, configure: Configure) -> None:
+    # Changes the standard tier's weight; the `configure` fixture restores the starting config afterwards.
     failures: list[str] = []
     successes = 0
 
@@ -215,11 +217,16 @@ def test_weights_change_under_load_with_zero_failed_requests(stack: Stack) -> No
     async def change_weights_under_load() -> None:
         stop = asyncio.Event()
         running = asyncio.create_task(load(stop))
-        for weight in (0.0, 100.0, 50.0):
-            await asyncio.sleep(2)
-            done = await asyncio.to_thread(apply_config, stack, standard_weight=weight)
-            assert done.returncode == 0, done.stderr
-        await asyncio.sleep(2)
+        for weight in (0.0, 100.0, 50.0, None):
+            wanted = successes + 10  # some answers under each config before the next change (and at the end)
+
+            def answered(wanted: int = wanted) -> bool:
+                return successes >= wanted or bool(failures)
+
+            await poll_until_async(answered, "ten more answers", timeout_s=120)
+            if weight is not None:
+                done = await asyncio.to_thread(apply_config, stack, standard_weight=weight)
+                assert done.returncode == 0, done.stderr
         stop.set()
         await running
 
@@ -228,7 +235,7 @@ def test_weights_change_under_load_with_zero_failed_requests(stack: Stack) -> No
     assert successes > 50
 
     # And the weights really took effect: 0 sends every user to the baseline, 100 to the candidate.
-    assert apply_config(stack, standard_weight=0.0).returncode == 0
+    configure(standard_weight=0.0)
     assert served_variants("demo-standard", range(30)) == {"fp16"}
-    assert apply_config(stack, standard_weight=100.0).returncode == 0
+    configure(standard_weight=100.0)
     assert served_variants("demo-standard", range(30)) == {"int8"}

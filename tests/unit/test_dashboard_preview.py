@@ -108,6 +108,8 @@ def test_empty_results_are_listed_not_failed(tmp_path: Path) -> None:
     report = preview.render(data, lambda *_: [], START, END, tmp_path / "q.png")
     assert report.ok
     assert len(report.empty) == len(report.panels)
+    queries = sum(len(p["targets"]) for p in data["panels"] if p["type"] != "row")
+    assert len(report.empty_queries) == queries  # every query is named, not just every panel
 
 
 def test_legends_follow_grafana_s_format() -> None:

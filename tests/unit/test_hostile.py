@@ -261,3 +261,24 @@ async def test_engine_requests_run_under_ids_the_server_chose(client: httpx.Asyn
     assert all("mine" not in i for i in ids)
     assert all(attribution.verify(core.signing_keys(), i, 60).variant == "fp16" for i in ids)
     assert all("request_id" in request.model_fields_set for request in sent)  # so Ray Serve keeps it
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"overridden": True}, "response_id"),
+        ({"response_id": "", "overridden": True}, "response_id"),
+        ({"response_id": 7, "overridden": True}, "response_id"),
+        ({"response_id": "x"}, "overridden"),
+        ({"response_id": "x", "overridden": "yes"}, "overridden"),
+        ({"response_id": "x", "overridden": 1}, "overridden"),  # no truthy numbers: a vote is true or false
+        ({"response_id": "x", "overridden": True, "label": ["no"]}, "label"),
+    ],
+)
+async def test_a_malformed_feedback_body_is_a_400_naming_the_field(
+    client: httpx.AsyncClient, body: dict[str, Any], param: str
+) -> None:
+    answer = await client.post("/v1/feedback", json=body, headers=PREMIUM)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == param
+    assert answer.json()["error"]["code"] == "invalid_parameter"

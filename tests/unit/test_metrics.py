@@ -85,3 +85,21 @@ def test_a_ray_family_passes_labels_as_tags_and_records_a_zero() -> None:
         ("inc", 2, {"tier": "batch", "reason": "busy"}),
     ]
     assert family.labels("batch", "busy") is family.labels("batch", "busy")  # one tag dict per series
+
+
+def test_the_real_prometheus_test_asserts_every_declared_metric() -> None:
+    # tests/integration/test_prometheus.py checks its CONTRACT list on a real scrape; a metric declared here and
+    # missing there would go unchecked. The rollout's rollbacks and phase are asserted by the rollout tests.
+    from serving.metrics import ControllerMetrics
+    from tests.integration.test_prometheus import CONTRACT
+
+    declared = Declared()
+    Metrics(declared)
+    ControllerMetrics(declared)
+    scraped = {
+        EXPORTED_PREFIX + name + ("_bucket" if kind == "histogram" else "")
+        for name, (kind, _) in declared.names.items()
+        if name not in {"serving_rollbacks_total", "serving_rollout_phase"}
+    }
+    assert scraped - set(CONTRACT) == set()
+    assert len(scraped) >= 15

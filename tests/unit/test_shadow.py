@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from serving.load import EngineLoad
 from serving.metrics import sample as metric_sample
 from serving.router import RouterCore, create_app
 from serving.tracing import make_tracer
-from serving.variants import FakeVariant
+from serving.variants import Endpoint, FakeVariant
+from tests.polling import poll_until_async
 
 REPO = Path(__file__).resolve().parents[2]
 CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4}
@@ -193,7 +195,7 @@ async def test_streamed_time_per_output_token_counts_tokens_not_chunks(client_as
     async with client_for(core) as client:
         answer = await client.post("/v1/chat/completions", json=body, headers={"authorization": "Bearer demo-premium"})
     events = [line.removeprefix("data: ") for line in answer.text.split("\n\n") if line.startswith("data: {")]
-    usage_events = [e for e in events if '"usage"' in e and '"choices": []' in e]
+    usage_events = [e for e in map(json.loads, events) if e.get("usage") and not e["choices"]]
     assert len(usage_events) == (1 if client_asks_usage else 0)  # the router's own ask is not passed on
     assert fp16.requests[-1].stream_options.include_usage  # the engine was asked for token counts
     labels = {"variant": "fp16", "tier": "premium", "role": "primary"}
@@ -257,8 +259,7 @@ async def test_shadows_are_shed_while_the_engines_are_busy_with_primaries() -> N
             )
             for i in range(4)
         ]
-        await asyncio.sleep(0.1)
-        assert core.loads["fp16"].now() == 4
+        await poll_until_async(lambda: core.loads["fp16"].now() == 4, "four primaries in flight on fp16")
         assert core.in_flight("fp16") > 3
         busy = await client.post(
             "/v1/chat/completions", json={**CHAT, "user": "b0"}, headers={"authorization": "Bearer demo-batch"}
@@ -268,7 +269,7 @@ async def test_shadows_are_shed_while_the_engines_are_busy_with_primaries() -> N
         for answer in await asyncio.gather(*premium):
             assert answer.status_code == 200
         assert core.loads["fp16"].now() == 0
-        await asyncio.sleep(0.5)  # ten memories later: idle
+        await poll_until_async(lambda: core.in_flight("fp16") < 1, "fp16 idle again, on average too")
         idle = await client.post(
             "/v1/chat/completions", json={**CHAT, "user": "b1"}, headers={"authorization": "Bearer demo-batch"}
         )
@@ -351,3 +352,16 @@ async def test_a_running_comparison_is_cancelled_when_primaries_make_its_engine_
     )
     assert compared == 0
     assert not core.shadower.tasks
+
+
+@pytest.mark.parametrize("kind", ["chat", "completions"])
+def test_a_scoring_request_asks_no_min_tokens_of_its_one_token(kind: Endpoint) -> None:
+    # Seen on the real stack: every shadow of a request with min_tokens above 1 failed, as the engine
+    # refuses min_tokens > max_tokens.
+    from serving.protocol import parse_request
+    from serving.shadow import scoring_request
+
+    prompt = {"messages": [{"role": "user", "content": "x"}]} if kind == "chat" else {"prompt": "x"}
+    request = parse_request(kind, {"model": "m", "max_tokens": 8, "min_tokens": 6, **prompt})
+    scoring = scoring_request(kind, request, "an answer")
+    assert (scoring.max_tokens, scoring.min_tokens) == (1, 0)
