@@ -12,7 +12,6 @@ import logging
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import BASE, METRICS_URL, Stack, apply_config, served_variants
+from tests.polling import poll_until
 
 pytestmark = pytest.mark.integration
 
@@ -54,17 +54,16 @@ def exported(name: str, **labels: str) -> float:
 
 
 def wait_until(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    """Polls until `condition()` is truthy and returns it; fails the test at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    """`poll_until`, reading an error of something not there yet (a controller restarting, a first save)
+    as not yet."""
+
+    def attempt() -> Any:
         try:
-            found = condition()
-            if found:
-                return found
-        except (httpx.HTTPError, KeyError, StopIteration, OSError):  # not there yet (a restart, a first save)
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"{what} did not happen within {timeout_s} s")
+            return condition()
+        except (httpx.HTTPError, KeyError, StopIteration, OSError):
+            return None
+
+    return poll_until(attempt, what, timeout_s=timeout_s)
 
 
 def check(status: dict[str, Any], tier: str, name: str) -> dict[str, Any]:
