@@ -59,7 +59,8 @@ def answer(folder: Path, eval_set: Path, *, reverse: bool, reference: list[dict[
     }
     answers = [by_id[item.id] for item in items]  # file order again, whatever order they were sent in
     latencies = []
-    for chat in chats[:LATENCY_SAMPLES]:
+    for item in items[:LATENCY_SAMPLES]:  # the same prompts on both sides, whatever the batch order
+        chat = [{"role": "user", "content": item.prompt}]
         begun = time.perf_counter()
         single = llm.chat([chat], params, use_tqdm=False)
         latencies.append({"seconds": time.perf_counter() - begun, "tokens": len(single[0].outputs[0].token_ids)})
