@@ -268,3 +268,21 @@ def test_evaluate_writes_the_report_and_records_the_verdict(
     assert gate["passed"] is False
     assert gate["report"]["sha256"] == manifest.file_sha256(out / "int8-vs-fp16.json")
     assert manifest.GATES not in manifest.read_manifest(family / "fp16")
+
+
+def test_evaluate_with_sign_off_signs_a_passed_gate_and_a_high_impact_tier_then_accepts_it(
+    family: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def same_as_fp16(folder: Path, eval_set: Path, **options: Any) -> dict[str, Any]:
+        return fake_engine(folder.parent / "fp16", eval_set, **options)
+
+    monkeypatch.setattr("serving.release.answers.run_engine", same_as_fp16)
+    args = ["evaluate", str(family / "int8"), "--out", str(tmp_path / "r"), "--sign-off", "Ada"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "int8 against fp16: PASS\n" in printed
+    assert "  signed off by Ada" in printed
+    gate = manifest.gate_for(manifest.read_manifest(family / "int8"), "a" * 64)
+    assert gate is not None
+    assert [s["by"] for s in gate["sign_offs"]] == ["Ada"]
+    assert gate_problems(config(family, high_impact=True)) == []
