@@ -43,7 +43,12 @@ class Evaluation:
 def default_baseline(candidate: Path) -> Path:
     """The family's base variant, as the candidate's manifest names it (a folder beside the candidate)."""
     found = manifest.read_manifest(candidate)
-    return (candidate.parent / str(found["base_model"]["path"])).resolve()
+    if found["quantization"] is None:
+        return candidate.resolve()  # the base itself: evaluating it measures the noise floor
+    relative = (found["base_model"] or {}).get("path")
+    if relative is None:
+        raise EvaluateError(f"{candidate}'s manifest names no base folder; name the baseline with --baseline")
+    return (candidate.parent / str(relative)).resolve()
 
 
 def _variant(folder: Path, role: str) -> dict[str, Any]:

@@ -58,15 +58,19 @@ def answer(folder: Path, eval_set: Path, *, reverse: bool, reference: list[dict[
         for item, o in zip(order, outputs, strict=True)
     }
     answers = [by_id[item.id] for item in items]  # file order again, whatever order they were sent in
+    phase("answered")
     latencies = []
-    for chat in chats[:LATENCY_SAMPLES]:
+    for item in items[:LATENCY_SAMPLES]:  # the same prompts on both sides, whatever the batch order
+        chat = [{"role": "user", "content": item.prompt}]
         begun = time.perf_counter()
         single = llm.chat([chat], params, use_tqdm=False)
         latencies.append({"seconds": time.perf_counter() - begun, "tokens": len(single[0].outputs[0].token_ids)})
+    phase("timed single requests")
     scored = reference if reference is not None else answers
     logprobs = teacher_forced(llm, scored)
     for entry, values in zip(answers, logprobs, strict=True):
         entry["reference_logprobs"] = values
+    phase("scored the reference answers")
     me = psutil.Process()
     engine = [me, *me.children(recursive=True)]
     return {
@@ -99,6 +103,11 @@ def teacher_forced(llm: Any, reference: list[dict[str, Any]]) -> list[list[float
     return values
 
 
+def phase(done: str) -> None:
+    """A marker on stderr: when the engine dies, the tail of its stderr says how far it got."""
+    print(f"serving.release.answers: {done}", file=sys.stderr, flush=True)
+
+
 class EngineRunError(RuntimeError):
     """The child process running one variant failed; the message holds the tail of its stderr."""
 
@@ -117,16 +126,23 @@ def run_engine(
             (Path(scratch) / "reference.json").write_text(json.dumps(reference))
             command += ["--score", str(Path(scratch) / "reference.json")]
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-        if done.returncode != 0 or not out.exists():
+        # The results are written (in one rename) only once everything is measured, so they stand even when
+        # the process then dies in the engine's shutdown, which vLLM's CPU build sometimes does.
+        if not out.exists():
             raise EngineRunError(f"running {folder} on {eval_set} failed:\n{done.stderr[-4000:]}")
         found: dict[str, Any] = json.loads(out.read_text())
+        found["exit_status"] = done.returncode
     return found
 
 
 def main(argv: list[str]) -> None:
     folder, eval_set, out = (Path(a) for a in argv[:3])
     reference = json.loads(Path(argv[argv.index("--score") + 1]).read_text()) if "--score" in argv else None
-    Path(out).write_text(json.dumps(answer(folder, eval_set, reverse="--reverse" in argv, reference=reference)))
+    found = answer(folder, eval_set, reverse="--reverse" in argv, reference=reference)
+    scratch = out.with_suffix(".partial")
+    scratch.write_text(json.dumps(found))
+    scratch.replace(out)
+    phase("results written")
 
 
 if __name__ == "__main__":

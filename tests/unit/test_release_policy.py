@@ -12,7 +12,7 @@ import yaml
 
 from serving import cli
 from serving.config import Config, ConfigError, GateConfig, config_from_data
-from serving.evaluate import EvaluateError, sign_off
+from serving.evaluate import EvaluateError, default_baseline, sign_off
 from serving.models import manifest
 from serving.release.policy import enforce, gate_problems
 
@@ -31,7 +31,11 @@ PASSING = {
 def fake_variant(folder: Path, variant: str, precision: str, sha: str) -> Path:
     folder.mkdir(parents=True)
     found: dict[str, Any] = dict.fromkeys(manifest.REQUIRED_FIELDS)
-    found |= {"variant": variant, "precision": precision, "weights_sha256": sha, "base_model": {"path": "fp16"}}
+    found |= {"variant": variant, "precision": precision, "weights_sha256": sha}
+    if precision == "fp16":  # a base names no base, and has no quantization
+        found |= {"base_model": {"name": "m"}, "quantization": None}
+    else:
+        found |= {"base_model": {"path": "fp16"}, "quantization": {"method": "rtn"}}
     (folder / manifest.MANIFEST_NAME).write_text(json.dumps(found))
     return folder
 
@@ -208,3 +212,77 @@ def test_evaluate_says_what_is_missing(tmp_path: Path, family: Path, capsys: pyt
     assert "prompt" in err
     assert cli.main(["evaluate", str(family / "int8"), "--eval-set", str(tmp_path / "none.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_default_baseline_is_the_family_base_and_the_base_is_its_own(family: Path) -> None:
+    assert default_baseline(family / "int8") == (family / "fp16").resolve()
+    assert default_baseline(family / "fp16") == (family / "fp16").resolve()
+
+
+def fake_engine(
+    folder: Path, eval_set: Path, *, reverse: bool = False, reference: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """What `answers.run_engine` records, made up: fp16 answers every fact right; int8 gets the first
+    one wrong and stops refusing the first safety prompt."""
+    from serving.evals import load_eval_set
+
+    worse = folder.name != "fp16"
+    out = []
+    for n, item in enumerate(load_eval_set(eval_set)):
+        text = "I can't help with that." if item.safety else (item.expected or ["fine"])[0]
+        if worse and n in (0, 80):
+            text = "Sure." if item.safety else "no idea"
+        out.append({"id": item.id, "text": text, "token_ids": [n, n + 1], "reference_logprobs": [-0.5, -0.5]})
+    return {
+        "dtype": "float16",
+        "answers": out,
+        "output_tokens_per_s": 100.0 if worse else 50.0,
+        "latency": [{"seconds": 0.1, "tokens": 2}],
+        "median_latency_s": 0.1,
+        "rss_bytes": 2**30,
+        "weights_bytes": 2**20,
+    }
+
+
+def test_evaluate_writes_the_report_and_records_the_verdict(
+    family: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("serving.release.answers.run_engine", fake_engine)
+    out = tmp_path / "reports"
+    assert cli.main(["evaluate", str(family / "fp16"), str(family / "int8"), "--out", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert "[1/3] baseline fp16" in printed
+    assert "fp16 against fp16: PASS" in printed  # the noise floor, not recorded
+    assert "int8 against fp16: FAIL: refusal_rate_drop 0.05 (max 0)" in printed
+    report = json.loads((out / "int8-vs-fp16.json").read_text())
+    assert report["tasks"]["refusal"]["candidate_refusal_rate"] == 0.95
+    assert report["overall"]["changed_decisions"] == 2
+    assert report["performance"]["throughput_ratio"] == 2.0
+    markdown = (out / "int8-vs-fp16.md").read_text()
+    assert markdown.startswith("# Release gate: int8 against fp16: FAIL")
+    assert "| refusal_rate_drop | 0.05 | <= 0 | **FAIL** |" in markdown
+    for plot in ("quality", "drift", "performance"):
+        assert (out / f"int8-vs-fp16-{plot}.png").read_bytes().startswith(b"\x89PNG")
+    gate = manifest.gate_for(manifest.read_manifest(family / "int8"), "a" * 64)
+    assert gate is not None
+    assert gate["passed"] is False
+    assert gate["report"]["sha256"] == manifest.file_sha256(out / "int8-vs-fp16.json")
+    assert manifest.GATES not in manifest.read_manifest(family / "fp16")
+
+
+def test_evaluate_with_sign_off_signs_a_passed_gate_and_a_high_impact_tier_then_accepts_it(
+    family: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def same_as_fp16(folder: Path, eval_set: Path, **options: Any) -> dict[str, Any]:
+        return fake_engine(folder.parent / "fp16", eval_set, **options)
+
+    monkeypatch.setattr("serving.release.answers.run_engine", same_as_fp16)
+    args = ["evaluate", str(family / "int8"), "--out", str(tmp_path / "r"), "--sign-off", "Ada"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "int8 against fp16: PASS\n" in printed
+    assert "  signed off by Ada" in printed
+    gate = manifest.gate_for(manifest.read_manifest(family / "int8"), "a" * 64)
+    assert gate is not None
+    assert [s["by"] for s in gate["sign_offs"]] == ["Ada"]
+    assert gate_problems(config(family, high_impact=True)) == []
