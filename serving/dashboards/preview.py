@@ -136,11 +136,13 @@ def x(t: float) -> float:
     return float(date2num(when(t)))  # type: ignore[no-untyped-call]
 
 
-def draw_panel(axes: Axes, panel: dict[str, Any], found: list[tuple[str, Series]], result: PanelResult) -> None:
+def draw_panel(
+    axes: Axes, panel: dict[str, Any], found: list[tuple[str, Series]], result: PanelResult, seconds: bool = False
+) -> None:
     defaults = panel.get("fieldConfig", {}).get("defaults", {})
     axes.set_title(str(panel.get("title", "")), fontsize=8, loc="left")
     axes.tick_params(labelsize=6)
-    axes.xaxis.set_major_formatter(DateFormatter("%H:%M"))  # type: ignore[no-untyped-call]
+    axes.xaxis.set_major_formatter(DateFormatter("%H:%M:%S" if seconds else "%H:%M"))  # type: ignore[no-untyped-call]
     axes.yaxis.set_major_formatter(unit_formatter(str(defaults.get("unit", ""))))
     for name, series in found:
         axes.plot([x(t) for t, _ in series.points], [v for _, v in series.points], label=name, linewidth=1)
@@ -201,7 +203,7 @@ def render(data: dict[str, Any], fetch: Fetch, start: float, end: float, out: Pa
         # Margins inside the panel's cell leave room for its title and tick labels.
         width, tall = g["w"] / GRID_COLUMNS, g["h"] / height
         axes = figure.add_axes((left + 0.03 * width + 0.01, top - tall + 0.25 * tall, width * 0.9, tall * 0.6))
-        draw_panel(axes, panel, found, result)
+        draw_panel(axes, panel, found, result, seconds=end - start < 600)  # short ranges tick in seconds
         for t, color in events:
             axes.axvline(x(t), color=color, linewidth=0.6, alpha=0.6)
         axes.set_xlim(x(start), x(end))

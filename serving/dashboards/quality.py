@@ -23,11 +23,11 @@ def candidate_as(label: str) -> str:
 
 
 def ratio(numerator: str, denominator: str, by: str, selector: str, window: str) -> str:
-    """sum(rate(numerator)) / sum(rate(denominator)) by the labels `by`, both over `window`."""
-    return (
-        f"sum by ({by}) (rate({numerator}{{{selector}}}[{window}]))"
-        f" / sum by ({by}) (rate({denominator}{{{selector}}}[{window}]))"
-    )
+    """sum(rate(numerator)) / sum(rate(denominator)) by the labels `by`, both over `window`. A numerator
+    counted only at an event (a disagreement) has no series until its first one: 0 where the denominator
+    has data, so a pair that always agreed reads 0, not "no data"."""
+    below = f"sum by ({by}) (rate({denominator}{{{selector}}}[{window}]))"
+    return f"(sum by ({by}) (rate({numerator}{{{selector}}}[{window}])) or 0 * {below}) / {below}"
 
 
 CANDIDATE_PAIRS = f'kind="candidate", {TIER}, {PRIMARY}'

@@ -39,13 +39,13 @@ def client(key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{BASE}/v1", api_key=key, max_retries=0, timeout=120)
 
 
-def ask(api: openai.OpenAI, i: int, *, stream: bool, **extra: Any) -> None:
+def ask(api: openai.OpenAI, i: int, *, stream: bool, temperature: float = 0.0, **extra: Any) -> None:
     """One chat request from user `i`; a streamed one is read to the end (its first token is then measured)."""
     answer = api.chat.completions.create(
         model="demo-chat",
         messages=[{"role": "user", "content": f"When in the Course of human events {i}"}],
         max_tokens=12,
-        temperature=0,
+        temperature=temperature,
         user=f"panel-{i}",
         stream=stream,
         **extra,
@@ -99,6 +99,19 @@ def trigger_events() -> None:
         list(pool.map(lambda i: ask(standard, 10_000 + i, stream=True), range(24)))
 
 
+def drive_until_the_noise_floor_disagrees(prometheus: str, timeout_s: float) -> None:
+    """A variant paired with itself disagrees only when sampling is random: sampled answers (temperature 1)
+    on the batch tier, which is rolled back, so no judgement can change, until one noise-floor comparison
+    disagreed (a tenth of the shadows are noise-floor pairs)."""
+    batch = client("demo-batch")
+    deadline = time.monotonic() + timeout_s
+    i = 0
+    while not instant(prometheus, 'ray_serving_shadow_disagreements_total{kind="noise_floor"}'):
+        assert time.monotonic() < deadline, f"no noise-floor disagreement within {timeout_s} s ({i} requests)"
+        ask(batch, 20_000 + i, stream=False, temperature=1.0)
+        i += 1
+
+
 def instant(url: str, promql: str) -> list[dict[str, Any]]:
     answer = httpx.get(f"{url}/api/v1/query", params={"query": promql}, timeout=30).json()
     assert answer["status"] == "success", (promql, answer)
@@ -127,6 +140,7 @@ def test_every_dashboard_query_and_alert_expression_returns_data(stack: Stack, p
     try:
         drive_until_the_batch_candidate_rolls_back(timeout_s=180)
         trigger_events()
+        drive_until_the_noise_floor_disagrees(prometheus, timeout_s=90)
         # A promotion: the operator gives the standard tier's int8 all of its traffic (the batch tier is
         # unchanged, so it stays rolled back).
         assert apply_config(stack, **settings, standard_weight=100.0).returncode == 0
