@@ -26,7 +26,7 @@ KV_CACHE_GIB = "1"  # GiB per engine: the CPU default reserves far more than tin
 SYNC_INTERVAL_S = 0.5
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+@serve.deployment(ray_actor_options={"num_cpus": 0})  # queues and replicas: config.router
 @serve.ingress()
 class Router:
     def __init__(self, config_json: str, handles: dict[str, Any], provenance: dict[str, Any]) -> None:

@@ -47,11 +47,32 @@ class AutoscalingConfig(Strict):
         return self
 
 
+# How often a draining replica checks whether its requests in flight have finished.
+GRACEFUL_SHUTDOWN_WAIT_LOOP_S = 0.5
+
+
 class Scaling(Strict):
     """How many replicas a deployment runs: a fixed count, or Ray Serve's autoscaling (not both)."""
 
     replicas: int | None = Field(None, ge=1, description="a fixed number of replicas (default 1)")
     autoscaling: AutoscalingConfig | None = Field(None, description="Ray Serve autoscaling instead of a fixed count")
+    # Bounded queues: Ray Serve LLM leaves an engine's max_ongoing_requests at a billion and every queue
+    # unbounded, so an overload would grow memory and latency without end instead of being refused.
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="requests one replica works on at once (Ray Serve's max_ongoing_requests)"
+    )
+    max_queued_requests: int = Field(
+        128,
+        ge=1,
+        description="requests waiting for a replica, per caller, beyond which new ones are refused at once with "
+        "a 503 and Retry-After (Ray Serve's max_queued_requests)",
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        description="on redeploy or shutdown, how long a replica that takes no new requests waits for the ones "
+        "in flight to finish before it is stopped (Ray Serve's graceful_shutdown_timeout_s)",
+    )
 
     @model_validator(mode="after")
     def _one_way_to_scale(self) -> Self:
@@ -61,9 +82,18 @@ class Scaling(Strict):
 
     def deployment_options(self) -> dict[str, Any]:
         """The Ray Serve deployment options for this scaling (`num_replicas` or `autoscaling_config`)."""
+        queues = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "graceful_shutdown_wait_loop_s": GRACEFUL_SHUTDOWN_WAIT_LOOP_S,
+        }
         if self.autoscaling is not None:
-            return {"autoscaling_config": self.autoscaling.model_dump(exclude_none=True)}
-        return {"num_replicas": self.replicas or 1}
+            return {"autoscaling_config": self.autoscaling.model_dump(exclude_none=True), **queues}
+        return {"num_replicas": self.replicas or 1, **queues}
+
+    def most_replicas(self) -> int:
+        return self.autoscaling.max_replicas if self.autoscaling is not None else self.replicas or 1
 
 
 # A Hugging Face model id, `org/name`: what vLLM and Ray Serve LLM download when no local folder is given.
@@ -198,6 +228,19 @@ class LimitsConfig(Strict):
     max_stop: int = Field(8, ge=0, description="stop strings, stop token ids and bad words, each")
     max_token_ids: int = Field(300, ge=0, description="entries of logit_bias, allowed_token_ids, logprob_token_ids")
     feedback_per_minute: int = Field(60, ge=1, description="feedback posts per API key per minute, per router")
+    max_headers: int = Field(100, ge=8, description="header lines in one request; more is refused with a 431")
+    max_header_bytes: int = Field(
+        16_384, ge=1024, description="all header names and values of one request together; more is a 431"
+    )
+    requests_per_minute: int | None = Field(
+        600, ge=1, description="completion requests per API key per minute, per router replica (None: unlimited)"
+    )
+    tokens_per_minute: int | None = Field(
+        200_000,
+        ge=1,
+        description="tokens per API key per minute, per router replica, charged when a request is admitted: its "
+        "prompt (4 characters a token) plus max_tokens for each of its n choices (None: unlimited)",
+    )
     feedback_max_age_s: float = Field(86_400, gt=0, description="feedback is taken on answers this recent")
 
     @model_validator(mode="after")
@@ -293,7 +336,13 @@ class ServerConfig(Strict):
 
 
 class RouterConfig(Scaling):
-    """The router (the HTTP ingress) deployment: how many replicas Ray Serve runs."""
+    """The router (the HTTP ingress) deployment: how many replicas Ray Serve runs, and its queues. A router
+    request mostly waits on an engine, so one replica holds many at once."""
+
+    max_ongoing_requests: int = Field(1000, ge=1, description="requests one router replica works on at once")
+    max_queued_requests: int = Field(
+        1000, ge=1, description="requests waiting for a router replica, per proxy, beyond which a 503 is sent"
+    )
 
 
 class Config(Strict):
@@ -325,6 +374,17 @@ class Config(Strict):
                     problems.append(
                         f"tiers.{tier_name}.{field}: variant {variant!r} is {self.variants[variant].precision}, "
                         "which the tier forbids"
+                    )
+        shadow_slots = self.shadowing.max_concurrency * self.router.most_replicas()
+        if any(t.shadow is not None for t in self.tiers.values()):
+            for name, v in self.variants.items():
+                # Shadow calls wait in the same queues as primaries: bounded to half an engine's slots,
+                # they can never take a primary's place.
+                if 2 * shadow_slots > v.max_ongoing_requests:
+                    problems.append(
+                        f"variants.{name}.max_ongoing_requests: {v.max_ongoing_requests} leaves no room for primaries "
+                        f"beside {shadow_slots} shadow calls (shadowing.max_concurrency x router replicas); "
+                        f"set it to at least {2 * shadow_slots}"
                     )
         for i, key in enumerate(self.keys):
             if key.tier not in self.tiers:

@@ -9,8 +9,9 @@ Nothing else reaches a client: no traceback, no path.
     ├── NotFound                    404     not_found_error
     ├── Conflict                    409     invalid_request_error
     ├── PayloadTooLarge             413     invalid_request_error
+    ├── HeadersTooLarge             431     invalid_request_error
     ├── TooManyRequests             429     rate_limit_error       (with Retry-After)
-    └── Unavailable                 503     service_unavailable
+    └── Unavailable                 503     service_unavailable    (with Retry-After when overloaded)
 """
 
 from __future__ import annotations
@@ -73,3 +74,8 @@ class TooManyRequests(ServingError):
 class Unavailable(ServingError):
     status = 503
     type = "service_unavailable"
+
+
+class HeadersTooLarge(ServingError):
+    status = 431
+    type = "invalid_request_error"

@@ -36,6 +36,7 @@ CHATTY_LOGGERS = ("ray", "ray.serve", "ray.llm", "vllm", "serving.app")
 # How often every process hands its metrics to the node's metrics agent, for a Ray started here (Ray's
 # default, 10 s, would leave the demo's and the tests' first scrapes empty); Ray's own Serve tests use 1 s.
 METRICS_REPORT_INTERVAL_MS = 1000
+LOOPBACK = "127.0.0.1"
 
 
 class StartupFailed(RuntimeError):
@@ -113,7 +114,12 @@ def ray_init_options(address: str | None, metrics_port: int | None = None) -> di
         return {
             **options,
             "num_cpus": RAY_LOGICAL_CPUS,
+            # Nothing of Ray's own is reachable from other machines: its dashboard and job API run any code
+            # sent to them (CVE-2023-48022), its GCS and object transfer trust every caller. This node's
+            # address is loopback, so they listen there; only the router's port (config.server) is public.
             "include_dashboard": False,
+            "dashboard_host": LOOPBACK,
+            "_node_ip_address": LOOPBACK,
             "_metrics_export_port": metrics_port,
             "_system_config": {"metrics_report_interval_ms": METRICS_REPORT_INTERVAL_MS},
         }

@@ -7,15 +7,20 @@ the bound applies. Every field that multiplies the engine's work is bounded: cho
 `default_max_tokens`, where the engine would allow the whole context), log-prob counts, prompts per
 batched completion, stop sequences and token-id lists. Fields that only the server may set are refused.
 The prompt's length is checked on the raw body, before parsing, so an oversized prompt costs no parse.
+Headers are counted and measured before anything else reads them (`HeaderLimits`), for every endpoint.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
 from serving.config import LimitsConfig
-from serving.errors import BadRequest
+from serving.errors import BadRequest, HeadersTooLarge
 from serving.variants import Endpoint, EngineRequest
 
 # vLLM's extension fields that a client must not set, and why.
@@ -53,15 +58,20 @@ def enforce(limits: LimitsConfig, endpoint: Endpoint, request: EngineRequest) ->
     for field, why in SERVER_ONLY.items():
         if field in request.model_fields_set and getattr(request, field, None) is not None:
             raise BadRequest(f"{field} may not be set by clients: {why}", param=field, code="field_not_allowed")
+    # Lower bounds too: vLLM reads -1 log-probs as "the whole vocabulary", and n or an output length
+    # below 1 is nonsense the OpenAI API refuses.
+    at_least(request.n, 1, "n")
     at_most(request.n or 1, limits.max_n, "n", code="n_too_large")
     lengths = ("max_tokens", "max_completion_tokens", "min_tokens")
     for field in lengths:
+        at_least(getattr(request, field, None), 0 if field == "min_tokens" else 1, field)
         at_most(getattr(request, field, None), limits.max_tokens, field, code="max_tokens")
     if all(getattr(request, field, None) is None for field in lengths[:2]):
         request.max_tokens = limits.default_max_tokens
     for field in ("logprobs", "top_logprobs", "prompt_logprobs"):
         value = getattr(request, field, None)
         if isinstance(value, int) and not isinstance(value, bool):  # chat's `logprobs` is a switch
+            at_least(value, 0, field)
             at_most(value, limits.max_logprobs, field)
     if endpoint == "completions":
         at_most(prompt_count(request.prompt), limits.max_prompts, "prompt", what="prompts")
@@ -71,6 +81,11 @@ def enforce(limits: LimitsConfig, endpoint: Endpoint, request: EngineRequest) ->
         at_most(len(getattr(request, field, None) or []), limits.max_stop, field, what="entries")
     for field in ("logit_bias", "allowed_token_ids", "logprob_token_ids"):
         at_most(len(getattr(request, field, None) or []), limits.max_token_ids, field, what="entries")
+
+
+def at_least(value: int | None, bound: int, field: str) -> None:
+    if value is not None and value < bound:
+        raise BadRequest(f"{field} is {value}; it must be at least {bound}", param=field, code="invalid_parameter")
 
 
 def at_most(value: int | None, limit: int, field: str, *, what: str = "", code: str = "over_limit") -> None:
@@ -86,3 +101,37 @@ def prompt_count(prompt: object) -> int:
     if isinstance(prompt, list) and prompt and all(isinstance(x, int) for x in prompt):
         return 1
     return len(prompt) if isinstance(prompt, list) else 1
+
+
+def check_headers(limits: LimitsConfig, headers: list[tuple[bytes, bytes]]) -> None:
+    """Raises `HeadersTooLarge` (431) for too many header lines, or too many bytes in them all."""
+    if len(headers) > limits.max_headers:
+        raise HeadersTooLarge(
+            f"the request has {len(headers)} headers; at most {limits.max_headers} allowed", code="too_many_headers"
+        )
+    size = sum(len(name) + len(value) for name, value in headers)
+    if size > limits.max_header_bytes:
+        raise HeadersTooLarge(
+            f"the request's headers hold {size} bytes; at most {limits.max_header_bytes} allowed",
+            code="headers_too_large",
+        )
+
+
+class HeaderLimits:
+    """ASGI middleware: refuses a request whose headers are over the limits before any handler runs.
+    The HTTP server in front (Ray Serve's proxy) parses any number of them."""
+
+    def __init__(self, app: ASGIApp, limits_of: Callable[[], LimitsConfig]) -> None:
+        self.app = app
+        self.limits_of = limits_of
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            try:
+                check_headers(self.limits_of(), scope["headers"])
+            except HeadersTooLarge as exc:
+                await JSONResponse(exc.body(), status_code=exc.status, headers={"connection": "close"})(
+                    scope, receive, send
+                )
+                return
+        await self.app(scope, receive, send)

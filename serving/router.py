@@ -20,9 +20,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
 
 from serving import attribution, routing
+from serving.admission import KeyQuotas, RateLimit, engine_busy, is_backpressure, token_cost
 from serving.auth import Principal, authenticate
 from serving.config import Config, variants_differ
 from serving.errors import Conflict, Forbidden, NotFound, ServingError, TooManyRequests, Unavailable
+from serving.limits import HeaderLimits
 from serving.load import EngineLoad
 from serving.metrics import Metrics
 from serving.protocol import (
@@ -49,26 +51,6 @@ from serving.variants import Endpoint, EngineItem, EngineRequest, VariantClient
 logger = logging.getLogger("serving.router")
 
 DESCRIBE_TIMEOUT_S = 5.0
-
-
-class RateLimit:
-    """At most `per_minute` events per key, as a token bucket refilled continuously."""
-
-    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.per_minute = per_minute
-        self.clock = clock
-        self.buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
-
-    def take(self, key: str) -> float:
-        """Takes one token; returns 0, or the seconds until one is available (nothing taken)."""
-        now = self.clock()
-        tokens, at = self.buckets.get(key, (float(self.per_minute), now))
-        tokens = min(float(self.per_minute), tokens + (now - at) * self.per_minute / 60)
-        if tokens < 1:
-            self.buckets[key] = (tokens, now)
-            return (1 - tokens) * 60 / self.per_minute
-        self.buckets[key] = (tokens - 1, now)
-        return 0.0
 
 
 class RouterCore:
@@ -100,6 +82,7 @@ class RouterCore:
         # The rollout, as this replica sees it: live weights, signals for the controller, feedback votes.
         self.follower = Follower(self.metrics, controller)
         self.feedback_limit = RateLimit(config.limits.feedback_per_minute)
+        self.quotas = KeyQuotas(config.limits)  # requests and tokens per minute, per key
         # From the controller, shared by every router replica: keys the sticky split and signs response ids.
         self.secret: bytes | None = None
         self.local_key = secrets.token_bytes(32)  # signs until the controller's secret arrives
@@ -125,6 +108,7 @@ class RouterCore:
         self.shadower.noise_floor_rate = config.shadowing.noise_floor_rate
         self.shadower.max_primary_in_flight = config.shadowing.max_primary_in_flight
         self.feedback_limit.per_minute = config.limits.feedback_per_minute
+        self.quotas.configure(config.limits)
         self.start_series(config)
 
     def start_series(self, config: Config) -> None:
@@ -205,6 +189,7 @@ class RouterCore:
         tier = config.tiers[principal.tier]
         if override is not None and not principal.may_override:
             raise Forbidden("this API key may not pin a variant (x-variant)", param="x-variant", code="override_denied")
+        self.quotas.admit(principal.key_id, token_cost(endpoint, parsed))
         with self.tracer.start_as_current_span("route") as route_span:
             decision = routing.decide(
                 principal.tier,
@@ -293,8 +278,14 @@ class Call:
             self.done()
             self.count("error")
             raise Unavailable(f"variant {self.variant} returned nothing", code="empty_response") from None
+        except asyncio.CancelledError:  # the client went away: the engine call is cancelled with this task
+            self.done()
+            raise
         except Exception as exc:
             self.done()
+            if is_backpressure(exc):
+                self.count("rejected")  # a full queue says nothing of the variant's health
+                raise engine_busy(self.variant) from None
             self.count("error")
             logger.warning("variant %s failed: %r", self.variant, exc)
             raise Unavailable(
@@ -355,6 +346,9 @@ class Call:
             return
         finally:  # also when the client went away and the stream was closed
             self.done()
+            closing = getattr(rest, "aclose", None)
+            if closing is not None:
+                await closing()  # cancels the engine's generation at once, not when the stream is collected
         if engine_failed:
             self.count("error")
             return
@@ -409,6 +403,7 @@ def create_app(core_of: Callable[[], RouterCore], startup: list[Hook] | None = N
         yield
 
     app = FastAPI(title="precision-serving router", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(HeaderLimits, limits_of=lambda: core_of().config.limits)
 
     @app.exception_handler(ServingError)
     async def serving_error(request: Request, exc: ServingError) -> JSONResponse:

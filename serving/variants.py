@@ -47,8 +47,15 @@ class RayVariant:
         self._unary = handle
 
     async def call(self, endpoint: Endpoint, request: EngineRequest) -> AsyncIterator[EngineItem]:
-        async for item in getattr(self._handle, endpoint).remote(request, None):
-            yield item
+        answer = getattr(self._handle, endpoint).remote(request, None)
+        finished = False
+        try:
+            async for item in answer:
+                yield item
+            finished = True
+        finally:
+            if not finished:  # closed early (the client went away) or cancelled: the engine stops generating
+                answer.cancel()
 
     async def healthy(self) -> bool:
         try:

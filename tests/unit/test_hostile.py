@@ -14,10 +14,11 @@ import pytest
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
 from serving import attribution, routing
+from serving.admission import RateLimit
 from serving.config import load_config
 from serving.metrics import sample as metric_sample
 from serving.rollout.signals import FeedbackSignal, RequestSignal
-from serving.router import RateLimit, RouterCore, create_app
+from serving.router import RouterCore, create_app
 from serving.variants import FakeVariant
 
 REPO = Path(__file__).resolve().parents[2]

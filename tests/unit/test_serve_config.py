@@ -111,7 +111,10 @@ def test_replicas_placement_and_sources_reach_the_deployments(tmp_path: Path) ->
     config = load_config(tmp_path / "c.yaml")
     assert Router.options(**config.router.deployment_options()).num_replicas == 3  # type: ignore[attr-defined]
     fp16 = llm_config("m", "fp16", config.variants["fp16"], gpu=False)
-    assert fp16.deployment_config == {"name": "variant-fp16", "num_replicas": 2}
+    assert fp16.deployment_config["name"] == "variant-fp16"
+    assert fp16.deployment_config["num_replicas"] == 2
+    assert fp16.deployment_config["max_queued_requests"] == config.variants["fp16"].max_queued_requests
+    assert Router.options(**config.router.deployment_options()).max_ongoing_requests == 1000  # type: ignore[attr-defined]
     assert fp16.placement_group_config == {"bundles": [{"CPU": 1}]}
     awq = llm_config("m", "awq", config.variants["awq"], gpu=True)
     assert awq.deployment_config["autoscaling_config"]["max_replicas"] == 3
