@@ -114,9 +114,10 @@ def ray_init_options(address: str | None, metrics_port: int | None = None) -> di
         return {
             **options,
             "num_cpus": RAY_LOGICAL_CPUS,
-            # Nothing of Ray's own is reachable from other machines: its dashboard and job API run any code
-            # sent to them (CVE-2023-48022), its GCS and object transfer trust every caller. This node's
-            # address is loopback, so they listen there; only the router's port (config.server) is public.
+            # No dashboard: its job API runs any code sent to it (CVE-2023-48022). The node's address is
+            # loopback, so Ray advertises and dials itself there; its gRPC servers (GCS, raylet, object
+            # manager, workers) still listen on every interface, which Ray offers no setting to change:
+            # README, "Overload, impatient clients, redeploys and exposure", says how to guard them.
             "include_dashboard": False,
             "dashboard_host": LOOPBACK,
             "_node_ip_address": LOOPBACK,
