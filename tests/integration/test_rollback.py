@@ -73,15 +73,18 @@ def check(status: dict[str, Any], tier: str, name: str) -> dict[str, Any]:
 
 def replicas(deployment: str) -> set[tuple[str, str]]:
     """The live replicas of a Serve deployment of the stack's application, as (namespace, actor name):
-    from Ray's named-actor registry (the state API needs the dashboard, which the stack does not run)."""
+    from Ray's named-actor registry (the state API needs the dashboard, which the stack does not run).
+    Serve names a replica `SERVE_REPLICA::app#deployment#id`; Ray Serve LLM prefixes an engine's
+    deployment name with its class (`VariantServer:variant-fp16`)."""
     import ray
 
-    prefix = f"SERVE_REPLICA::serving#{deployment}#"
-    return {
-        (actor["namespace"], actor["name"])
-        for actor in ray.util.list_named_actors(all_namespaces=True)
-        if actor["name"].startswith(prefix)
-    }
+    found = set()
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        app, _, rest = actor["name"].removeprefix("SERVE_REPLICA::").partition("#")
+        name = rest.rpartition("#")[0]
+        if actor["name"].startswith("SERVE_REPLICA::") and app == "serving" and name.split(":")[-1] == deployment:
+            found.add((actor["namespace"], actor["name"]))
+    return found
 
 
 def kill_replica(deployment: str) -> None:
@@ -89,7 +92,9 @@ def kill_replica(deployment: str) -> None:
     Serve starts a new one."""
     import ray
 
-    namespace, name = sorted(replicas(deployment))[0]
+    found = sorted(replicas(deployment))
+    assert found, f"no replica of {deployment}: {ray.util.list_named_actors(all_namespaces=True)}"
+    namespace, name = found[0]
     ray.kill(ray.get_actor(name, namespace=namespace), no_restart=False)
 
 
