@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from serving.hardware import Dtype
 
 Precision = Literal["fp32", "bf16", "fp16", "int8", "awq", "gptq", "fp8"]
+# Unquantized weights: what an escalated request is re-run on (README, "Escalation").
+FULL_PRECISIONS: frozenset[Precision] = frozenset({"fp32", "bf16", "fp16"})
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 
 
@@ -167,6 +169,17 @@ class ProgressionConfig(Strict):
         return self
 
 
+class EscalationConfig(Strict):
+    """Re-runs a whole (non-streamed) answer of a quantized variant on the tier's full-precision baseline
+    when the answer's confidence is low, and returns the baseline's answer instead (README, "Escalation")."""
+
+    min_mean_logprob: float = Field(
+        le=0.0,
+        description="a quantized answer whose mean token log-prob (of its least confident choice) is below this "
+        "is re-run on the baseline; 0.0 escalates every quantized answer, a very low value none",
+    )
+
+
 class TierConfig(Strict):
     baseline: Name = Field(description="the variant that answers unless the canary picks the candidate")
     candidate: Name | None = Field(None, description="the variant under canary, if any")
@@ -185,6 +198,11 @@ class TierConfig(Strict):
         False,
         description="the candidate's passed gate must also carry a named sign-off (`serving sign-off`); "
         "needs require_gate",
+    )
+    escalation: EscalationConfig | None = Field(
+        None,
+        description="re-run low-confidence answers of a quantized candidate on the baseline, which must be full "
+        "precision (not for streamed answers)",
     )
 
     @model_validator(mode="after")
@@ -375,6 +393,7 @@ class Config(Strict):
                         f"tiers.{tier_name}.{field}: variant {variant!r} is {self.variants[variant].precision}, "
                         "which the tier forbids"
                     )
+            problems.extend(self._escalation_problems(tier_name, tier))
         shadow_slots = self.shadowing.max_concurrency * self.router.most_replicas()
         if any(t.shadow is not None for t in self.tiers.values()):
             for name, v in self.variants.items():
@@ -394,6 +413,22 @@ class Config(Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _escalation_problems(self, tier_name: str, tier: TierConfig) -> list[str]:
+        """Escalation re-runs on the baseline: it must be full precision, and something quantized must answer."""
+        if tier.escalation is None or tier.baseline not in self.variants:
+            return []
+        where = f"tiers.{tier_name}.escalation"
+        baseline = self.variants[tier.baseline].precision
+        if baseline not in FULL_PRECISIONS:
+            return [
+                f"{where}: the baseline {tier.baseline!r} is {baseline}; escalation re-runs answers on the baseline, "
+                f"which must be full precision ({', '.join(sorted(FULL_PRECISIONS))})"
+            ]
+        candidate = self.variants.get(tier.candidate) if tier.candidate is not None else None
+        if candidate is None or candidate.precision in FULL_PRECISIONS:
+            return [f"{where}: the tier has no quantized candidate, so no answer could be escalated"]
+        return []
 
 
 def variants_differ(old: Config, new: Config) -> bool:

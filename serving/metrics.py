@@ -173,6 +173,8 @@ class Metrics:
         self.backend = backend
         # histogram_quantile(0.99,
         #   sum by (le, variant) (rate(ray_serving_request_duration_seconds_bucket{role="primary"}[5m])))
+        # role: primary (the answer routing chose), shadow, or escalation (the full-precision re-run of a
+        # low-confidence answer: its duration is the latency escalation adds)
         self.request_duration = backend.histogram(
             "serving_request_duration_seconds",
             "End-to-end latency of a variant call, as the router sees it",
@@ -232,9 +234,12 @@ class Metrics:
             DRIFT_BUCKETS,
         )
         # sum by (variant, kind) (rate(ray_serving_overrides_total[5m]))
+        # escalation rate: sum by (tier) (rate(ray_serving_overrides_total{kind="escalation"}[5m]))
+        #   / sum by (tier) (rate(ray_serving_requests_total{role="primary", outcome!="rejected"}[5m]))
         self.overrides = backend.counter(
             "serving_overrides_total",
-            "Routing pins (kind=routing) and people overturning answers (kind=feedback)",
+            "Routing pins (kind=routing), people overturning answers (kind=feedback), answers re-run on full "
+            "precision (kind=escalation)",
             ("variant", "tier", "kind"),
         )
         # sum by (variant, tier) (rate(ray_serving_feedback_total[5m]))

@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
 
-from serving import attribution, routing
+from serving import attribution, escalation, routing
 from serving.admission import KeyQuotas, RateLimit, engine_busy, is_backpressure, token_cost
 from serving.auth import Principal, authenticate
 from serving.config import Config, variants_differ
@@ -212,7 +212,8 @@ class RouterCore:
         shadow = None
         if tier.shadow is not None and parsed.n in (None, 1):
             shadow = self.shadower.pick_target(decision.variant, tier.shadow.target, tier.shadow.rate)
-        call = Call(self, principal, decision.variant, endpoint, parsed, shadow)
+        escalate = escalation.plan(config, tier, decision, endpoint, parsed)
+        call = Call(self, principal, decision.variant, endpoint, parsed, shadow, escalate)
         with self.tracer.start_as_current_span("variant call") as call_span:
             call_span.set_attribute("variant", decision.variant)
             return await call.start()
@@ -247,7 +248,9 @@ class RouterCore:
 
 
 class Call:
-    """One primary call: measured, remembered for feedback, and shadowed once its answer is complete."""
+    """One primary call: measured, remembered for feedback, shadowed once its answer is complete, and
+    escalated to full precision when its tier says so and its answer's confidence is low. A re-run on
+    full precision is a call of its own, with role "escalation"."""
 
     def __init__(
         self,
@@ -257,10 +260,13 @@ class Call:
         endpoint: Endpoint,
         parsed: EngineRequest,
         shadow: tuple[str, str] | None,
+        escalate: escalation.Escalation | None = None,
+        role: str = "primary",
     ) -> None:
         self.core, self.principal, self.variant, self.endpoint, self.parsed = core, principal, variant, endpoint, parsed
         self.shadow = shadow
-        self.labels = (variant, principal.tier, "primary")
+        self.escalation = escalate
+        self.labels = (variant, principal.tier, role)
         self.started = time.monotonic()
 
     async def start(self) -> Response:
@@ -271,7 +277,11 @@ class Call:
         if self.core.in_flight(self.variant) > self.core.shadower.max_primary_in_flight:
             self.core.shadower.preempt(self.variant)
         try:
-            engine_request = with_usage(self.parsed) if streamed else self.parsed
+            engine_request = self.parsed
+            if streamed:
+                engine_request = with_usage(self.parsed)
+            elif self.escalation is not None:
+                engine_request = escalation.with_logprobs(self.endpoint, self.parsed)
             stream = self.core.variants[self.variant].call(self.endpoint, engine_request)
             first = await anext(stream)
         except StopAsyncIteration:
@@ -302,10 +312,43 @@ class Call:
             usage = first.usage
             text = answer_text(self.endpoint, first)
             self.finish(text, usage.completion_tokens, usage.prompt_tokens, first_at, False)
+            if self.escalation is not None:
+                confidence = escalation.mean_logprob(self.endpoint, first)
+                if not self.escalation.client_wants_logprobs:
+                    first = escalation.without_logprobs(first)
+                if confidence is not None and confidence < self.escalation.min_mean_logprob:
+                    escalated = await self.escalate(confidence)
+                    if escalated is not None:
+                        return escalated
             return JSONResponse(first.model_dump(mode="json", exclude_none=True), headers=headers)
         # A first token is observable only in a stream.
         metrics.time_to_first_token.labels(*self.labels).observe(first_at - self.started)
         return StreamingResponse(self.relay(first, stream, first_at), media_type="text/event-stream", headers=headers)
+
+    async def escalate(self, confidence: float) -> Response | None:
+        """Re-runs the request on the tier's full-precision baseline and answers with that; None (the quantized
+        answer stands) when the baseline fails. Its duration, with role "escalation", is the added latency."""
+        assert self.escalation is not None
+        core, target, tier = self.core, self.escalation.target, self.principal.tier
+        logger.info(
+            "escalation: %s answered on tier %s with mean token log-prob %.3f; re-run on %s",
+            self.variant,
+            tier,
+            confidence,
+            target,
+        )
+        # Signed anew, so feedback on the answer the client gets goes to the variant that wrote it.
+        request_id = attribution.sign(core.signing_keys()[0], self.principal.tenant, tier, target)
+        rerun = self.parsed.model_copy(update={"request_id": request_id})
+        try:
+            response = await Call(core, self.principal, target, self.endpoint, rerun, None, role="escalation").start()
+        except ServingError as exc:
+            logger.warning("escalation to %s failed (%s); the %s answer stands", target, exc, self.variant)
+            return None
+        core.metrics.overrides.labels(self.variant, tier, "escalation").inc()
+        response.headers["x-escalated"] = "true"
+        response.headers["x-escalated-from"] = self.variant
+        return response
 
     async def relay(self, first: EngineItem, rest: AsyncIterator[EngineItem], first_at: float) -> AsyncIterator[str]:
         text: list[str] = []
@@ -386,7 +429,9 @@ class Call:
 
     def count(self, outcome: str, ttft: float | None = None, tpot: float | None = None) -> None:
         self.core.metrics.requests.labels(*self.labels, outcome).inc()
-        if outcome != "rejected":  # a request the engine refused as invalid says nothing of the variant
+        # A request the engine refused as invalid says nothing of the variant. The rollout judges the answers
+        # routing chose: escalation re-runs, the hard cases only, would bias the baseline's.
+        if outcome != "rejected" and self.labels[2] == "primary":
             latency = time.monotonic() - self.started
             signal = RequestSignal(self.principal.tier, self.variant, outcome == "ok", latency, ttft, tpot)
             self.core.follower.record(signal)

@@ -73,7 +73,8 @@ class FakeVariant:
     """Deterministic, in-process stand-in for an engine, for fast router tests. Words are its tokens: it
     answers "answer from <name>" (or the `answer` it is given), reports usage, and teacher-forces text
     (`prompt_logprobs`) with log-probabilities that depend on its name, so two fakes of different names
-    disagree and drift, and a fake compared with itself does neither. It can also fail the way it is told to."""
+    disagree and drift, and a fake compared with itself does neither. Asked for `logprobs`, it gives each
+    answer word `answer_logprob` (its confidence, for escalation). It can also fail the way it is told to."""
 
     def __init__(
         self,
@@ -86,8 +87,10 @@ class FakeVariant:
         words_per_chunk: int = 1,
         chunk_delay_s: float = 0.0,
         answer: str | None = None,
+        answer_logprob: float = -1.0,
     ) -> None:
         self.name = name
+        self.answer_logprob = answer_logprob
         self.answer = answer or f"answer from {name}"
         self.words_per_chunk = words_per_chunk  # an engine may send several tokens in one chunk
         self.chunk_delay_s = chunk_delay_s
@@ -165,12 +168,18 @@ class FakeVariant:
             extra["prompt_logprobs"] = [None] + [
                 {i: {"logprob": -((i + sum(self.name.encode())) % 13) / 4}} for i in ids[1:]
             ]
+        words, logprob = text.split(), self.answer_logprob
         if endpoint == "chat":
             message = {"role": "assistant", "content": text}
-            yield ChatCompletionResponse(choices=[{"index": 0, "message": message, "finish_reason": "stop"}], **extra)
+            choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": "stop"}
+            if request.logprobs:
+                choice["logprobs"] = {"content": [{"token": w, "logprob": logprob} for w in words]}
+            yield ChatCompletionResponse(choices=[choice], **extra)
         else:  # completions carry the prompt's tokens and log-probs on the choice, as vLLM's do
             scored: dict[str, Any] = {k: extra.pop(k) for k in ("prompt_token_ids", "prompt_logprobs") if k in extra}
-            choice: dict[str, Any] = {"index": 0, "text": text, "finish_reason": "stop", **scored}
+            choice = {"index": 0, "text": text, "finish_reason": "stop", **scored}
+            if request.logprobs is not None:
+                choice["logprobs"] = {"tokens": words, "token_logprobs": [logprob] * len(words)}
             yield CompletionResponse(choices=[choice], **extra)
 
     async def healthy(self) -> bool:

@@ -1,4 +1,4 @@
-"""The Overview dashboard: traffic, errors, latency, canary weights, shadow drops and the engines."""
+"""The Overview dashboard: traffic, errors, latency, canary weights, shadow drops, escalations and the engines."""
 
 from __future__ import annotations
 
@@ -48,6 +48,45 @@ def or_zero(expr: str) -> str:
     so without this a healthy variant would show no data where it has none, not a zero."""
     answered = requests('!="rejected"')
     return f"({expr} or 0 * {answered})"
+
+
+def tier_answers() -> str:
+    """Answers sent to users per second, by tier (rejected requests excluded)."""
+    selector = f'{{{PRIMARY_ROLE}, outcome!="rejected", {TIER}}}'
+    return f"sum by (tier) (rate(ray_serving_requests_total{selector}{RATE}))"
+
+
+def escalation_panels() -> list[timeseries.Panel]:
+    """Escalation (README, "Escalation"): its rate and the latency it adds. Both fall back to 0 for every tier
+    that answered: a tier without an escalation has no series, and a zero is what it shows."""
+    escalated = f'sum by (tier) (rate(ray_serving_overrides_total{{kind="escalation", {TIER}}}{RATE}))'
+    rerun = f'{{role="escalation", {TIER}}}'
+    added = [
+        Query(
+            f"(histogram_quantile({q}, sum by (le, tier) (rate(ray_serving_request_duration_seconds_bucket{rerun}"
+            f"{RATE}))) or 0 * {tier_answers()})",
+            f"{{{{tier}}}} p{round(q * 100)}",
+        )
+        for q in (0.5, 0.95)
+    ]
+    return [
+        panel(
+            "Escalation rate by tier",
+            "Share of the tier's answers that were re-run on its full-precision baseline because the quantized "
+            "answer's mean token log-prob was below the tier's escalation.min_mean_logprob.",
+            "percentunit",
+            [Query(f"({escalated} or 0 * {tier_answers()}) / {tier_answers()}", "{{tier}}")],
+            minimum=0,
+        ),
+        panel(
+            "Latency added by escalation by tier",
+            "p50 and p95 duration of the full-precision re-run, which the client waits for after the quantized "
+            "answer (0 while nothing is escalated).",
+            "s",
+            added,
+            minimum=0,
+        ),
+    ]
 
 
 def build(rollback: RollbackConfig) -> list[dashboard_builders.Row | timeseries.Panel]:
@@ -148,6 +187,8 @@ def build(rollback: RollbackConfig) -> list[dashboard_builders.Row | timeseries.
             ],
             minimum=0,
         ),
+        row("Escalation to full precision"),
+        *escalation_panels(),
         row("Engines (vLLM's own metrics, exported by Ray)"),
         panel(
             "Engine requests running and waiting",

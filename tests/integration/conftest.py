@@ -19,7 +19,7 @@ import openai
 import pytest
 import yaml
 
-from serving.config import Config, KeyConfig, hash_key, load_config
+from serving.config import Config, EscalationConfig, KeyConfig, hash_key, load_config
 from tests.polling import poll_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,9 +46,11 @@ def write_config(
     batch_weight: float = 50.0,
     shadow_rate: float = 0.2,
     rollback: bool = False,
+    standard_escalation: float | None = None,
 ) -> None:
     """The tiny demo config (deploy/tiny.yaml), changed through the config model: pointed at the test's family,
-    ports and state file, with the given weights, shadow rate (both shadowed tiers) and rollback switch, plus
+    ports and state file, with the given weights, shadow rate (both shadowed tiers), rollback switch and the
+    standard tier's escalation threshold (None: no escalation), plus
     one premium key that may override, and ROUTER_REPLICAS router replicas. Automatic rollback is off unless a
     test turns it on: the other tests need the awq candidate to keep serving. The defaults are the stack's
     starting config: a test that applies other settings applies `write_config`'s defaults again when done."""
@@ -65,6 +67,8 @@ def write_config(
             changes["weight"] = weights[name]
         if tier.shadow is not None:
             changes["shadow"] = tier.shadow.model_copy(update={"rate": shadow_rate})
+        if name == "standard" and standard_escalation is not None:
+            changes["escalation"] = EscalationConfig(min_mean_logprob=standard_escalation)
         tiers[name] = tier.model_copy(update=changes)
     premium_admin = KeyConfig(sha256=hash_key("test-premium-admin"), tenant="t", tier="premium", may_override=True)
     config = demo.model_copy(
@@ -85,7 +89,7 @@ def write_config(
     path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_none=True), sort_keys=False))
 
 
-def apply_config(stack: Stack, **settings: float | bool) -> subprocess.CompletedProcess[str]:
+def apply_config(stack: Stack, **settings: float | bool | None) -> subprocess.CompletedProcess[str]:
     """Writes the config file with these settings (`write_config`'s defaults for the rest), applies it with the
     documented command, and waits until the router runs it."""
     write_config(stack.config, stack.family, **settings)  # type: ignore[arg-type]
@@ -111,7 +115,7 @@ def configure(stack: Stack) -> Iterator[Configure]:
     whatever its outcome, the stack's starting config again: no test sees settings another test left."""
     changed = False
 
-    def apply(**settings: float | bool) -> None:
+    def apply(**settings: float | bool | None) -> None:
         nonlocal changed
         changed = True
         done = apply_config(stack, **settings)
