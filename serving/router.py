@@ -356,34 +356,40 @@ class Call:
         engine_failed = False
         client_wants_usage = wants_usage(self.parsed)
         needs_text = self.shadow is not None  # only a shadow comparison reads the answer's text
+        ended = False  # the answer is complete and counted
         try:
             async for packet in sse(first, rest):
-                if not needs_text and not may_need_parsing(packet):
-                    yield packet  # the common case: passed on as the engine wrote it, never parsed
-                    continue
-                kept: list[str] = []
-                for data in packet.split("\n\n"):
-                    if not data.strip():
-                        continue
-                    chunk = parse_chunk(data)
-                    if chunk is not None:
-                        engine_failed = engine_failed or "error" in chunk  # the engine's own error event
-                        closing = usage_of(chunk)
-                        if closing is not None:
-                            usage = closing
-                            if not client_wants_usage:
-                                continue  # asked for by the router, not the client
-                        for choice in chunk.get("choices") or []:
-                            delta = choice.get("delta") or {}
-                            piece = delta.get("content") if self.endpoint == "chat" else choice.get("text")
-                            if piece:
-                                text.append(piece)
-                    kept.append(f"{data}\n\n")
-                if kept:
-                    yield "".join(kept)
+                if needs_text or may_need_parsing(packet):
+                    kept: list[str] = []
+                    for data in packet.split("\n\n"):
+                        if not data.strip():
+                            continue
+                        chunk = parse_chunk(data)
+                        if chunk is not None:
+                            engine_failed = engine_failed or "error" in chunk  # the engine's own error event
+                            closing = usage_of(chunk)
+                            if closing is not None:
+                                usage = closing
+                                if not client_wants_usage:
+                                    continue  # asked for by the router, not the client
+                            for choice in chunk.get("choices") or []:
+                                delta = choice.get("delta") or {}
+                                piece = delta.get("content") if self.endpoint == "chat" else choice.get("text")
+                                if piece:
+                                    text.append(piece)
+                        kept.append(f"{data}\n\n")
+                    packet = "".join(kept)
+                # Counted before the last packet goes out: a client hangs up as soon as it reads [DONE], and
+                # the code after a generator's last yield does not run once the response is cancelled.
+                if not ended and "data: [DONE]" in packet:
+                    ended = True
+                    self.complete(engine_failed, "".join(text), usage, first_at)
+                if packet:
+                    yield packet  # usually as the engine wrote it: parsed only when shadowed or holding usage
         except Exception as exc:  # the replica died or the call broke after the 200 went out
             logger.warning("variant %s failed mid-stream: %r", self.variant, exc)
-            self.count("error")
+            if not ended:
+                self.count("error")
             failure = Unavailable(f"variant {self.variant} failed during the answer; retry", code="stream_interrupted")
             yield sse_error(failure)
             return
@@ -392,10 +398,16 @@ class Call:
             closing = getattr(rest, "aclose", None)
             if closing is not None:
                 await closing()  # cancels the engine's generation at once, not when the stream is collected
+        if not ended:
+            self.complete(engine_failed, "".join(text), usage, first_at)
+
+    def complete(self, engine_failed: bool, text: str, usage: dict[str, Any], first_at: float) -> None:
+        """A streamed answer has ended: counted as an error if the engine sent one, else finished."""
+        self.done()
         if engine_failed:
             self.count("error")
             return
-        self.finish("".join(text), usage.get("completion_tokens"), usage.get("prompt_tokens"), first_at, True)
+        self.finish(text, usage.get("completion_tokens"), usage.get("prompt_tokens"), first_at, True)
 
     def done(self) -> None:
         """The engine has finished with this call (or failed it): no longer in flight."""

@@ -6,6 +6,7 @@ import asyncio
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -365,3 +366,47 @@ def test_a_scoring_request_asks_no_min_tokens_of_its_one_token(kind: Endpoint) -
     request = parse_request(kind, {"model": "m", "max_tokens": 8, "min_tokens": 6, **prompt})
     scoring = scoring_request(kind, request, "an answer")
     assert (scoring.max_tokens, scoring.min_tokens) == (1, 0)
+
+
+async def test_a_stream_is_counted_when_the_client_hangs_up_on_reading_done() -> None:
+    # The openai client closes the connection as soon as it reads [DONE]; Starlette then cancels the
+    # response, so whatever the relay does after its last yield never runs. Seen on the real stack as a
+    # missing time-per-output-token series: the answer must be counted before its last packet goes out.
+    core = make_core(shadow_rate=0.0, variants={"fp16": FakeVariant("fp16", chunk_delay_s=0.01)})
+    app = create_app(lambda: core)
+    body = json.dumps({**CHAT, "stream": True}).encode()
+    done_sent = asyncio.Event()
+    asked = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal asked
+        if not asked:
+            asked = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await done_sent.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and b"[DONE]" in message.get("body", b""):
+            done_sent.set()
+            await asyncio.sleep(0.05)  # the hang-up lands while this packet is being written
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"authorization", b"Bearer demo-premium"), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("r", 80),
+    }
+    await app(scope, receive, send)
+    labels = {"variant": "fp16", "tier": "premium", "role": "primary"}
+    assert done_sent.is_set()
+    assert sample(core, "ray_serving_requests_total", **labels, outcome="ok") == 1
+    assert sample(core, "ray_serving_time_per_output_token_seconds_count", **labels) == 1
