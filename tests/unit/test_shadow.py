@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -386,7 +387,7 @@ async def test_a_stream_is_counted_when_the_client_hangs_up_on_reading_done() ->
         await done_sent.wait()
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         if message["type"] == "http.response.body" and b"[DONE]" in message.get("body", b""):
             done_sent.set()
             await asyncio.sleep(0.05)  # the hang-up lands while this packet is being written
