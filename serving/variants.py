@@ -8,11 +8,21 @@ object (or an `ErrorResponse`); for a streaming request batches of ready SSE str
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any, Literal, Protocol
 
 Kind = Literal["chat", "completions"]
+
+# How long a request waits for Ray Serve to hand it to a replica of its variant: milliseconds normally. With
+# no replica running (its node lost, every replica restarting) Serve would queue it until one starts, for
+# minutes or for ever, and the client would hang; past this bound it fails as a 503 that clients retry.
+ASSIGN_TIMEOUT_S = 10.0
+
+
+class NoReplica(RuntimeError):
+    """No replica of the variant took the request within ASSIGN_TIMEOUT_S."""
 
 
 class VariantClient(Protocol):
@@ -35,7 +45,14 @@ class RayVariant:
         self._unary = handle
 
     async def call(self, kind: Kind, request: Any) -> AsyncIterator[Any]:
-        async for item in getattr(self._handle, kind).remote(request, None):
+        response = getattr(self._handle, kind).remote(request, None)
+        try:
+            # Serve's own wait for a replica (what iterating the response awaits first), bounded.
+            await asyncio.wait_for(response._fetch_future_result_async(), ASSIGN_TIMEOUT_S)
+        except TimeoutError:
+            response.cancel()
+            raise NoReplica(f"no replica took the request within {ASSIGN_TIMEOUT_S:.0f} s") from None
+        async for item in response:
             yield item
 
     async def healthy(self) -> bool:
