@@ -84,9 +84,7 @@ def llm_config(model: str, name: str, variant: VariantConfig, *, gpu: bool) -> A
     return LLMConfig(
         # Every variant serves the same model name, so engine answers carry the name clients asked for.
         model_loading_config={"model_id": model, "model_source": variant.source},
-        # Without a GPU, a CPU bundle makes Ray infer a CPU deployment; the default asks for a GPU
-        # and would wait for one forever.
-        placement_group_config=None if gpu else {"bundles": [{"CPU": 1}]},
+        placement_group_config=placement_group(variant, gpu=gpu),
         runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GIB)}},
         # dtype and enforce_eager are set by VariantServer on the engine's own node, from its hardware.
         engine_kwargs={
@@ -100,6 +98,15 @@ def llm_config(model: str, name: str, variant: VariantConfig, *, gpu: bool) -> A
         deployment_config={"name": variant_deployment(name), **variant.deployment_options()},
         experimental_configs={"stream_batching_interval_ms": variant.stream_batching_ms},
     )
+
+
+def placement_group(variant: VariantConfig, *, gpu: bool) -> dict[str, Any] | None:
+    """The replica's resource bundle: its engine's device plus the variant's custom resources, which pin
+    it to the nodes that advertise them. Without a GPU, a CPU bundle makes Ray infer a CPU deployment;
+    Ray Serve LLM's default (None) asks for a GPU and would wait for one forever."""
+    if gpu and not variant.resources:
+        return None
+    return {"bundles": [{"GPU" if gpu else "CPU": 1, **variant.resources}]}
 
 
 def variant_deployment(name: str) -> str:

@@ -127,6 +127,11 @@ class VariantConfig(Scaling):
         description="one GPU per replica (true) or a CPU engine (false); by default, whether the Ray cluster "
         "has GPUs when the application is built",
     )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each replica needs, e.g. {worker_b: 1}: the variant runs only on the "
+        "nodes that advertise them (`ray start --resources`); CPU and GPU are not set here (see gpu)",
+    )
     stream_batching_ms: float = Field(
         STREAM_BATCHING_MS,
         ge=0,
@@ -139,6 +144,15 @@ class VariantConfig(Scaling):
     def _one_source(self) -> Self:
         if (self.path is None) == (self.hub is None):
             raise ValueError("give the model's path (a local folder) or hub (a Hugging Face id), exactly one")
+        return self
+
+    @model_validator(mode="after")
+    def _custom_resources_only(self) -> Self:
+        builtin = sorted({"CPU", "GPU", "memory", "object_store_memory"} & set(self.resources))
+        if builtin:
+            raise ValueError(f"resources names only custom resources; {', '.join(builtin)} follow from gpu")
+        if any(amount <= 0 for amount in self.resources.values()):
+            raise ValueError("resources: every amount must be above 0")
         return self
 
     @property

@@ -8,6 +8,7 @@ object (or an `ErrorResponse`); for a streaming request batches of ready SSE str
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
 
@@ -25,6 +26,15 @@ EngineRequest: TypeAlias = "ChatCompletionRequest | CompletionRequest"
 WholeAnswer: TypeAlias = "ChatCompletionResponse | CompletionResponse"
 # What a call yields: a whole answer, or batches of SSE strings (one string or a list), or the engine's error.
 EngineItem: TypeAlias = "WholeAnswer | ErrorResponse | str | list[str]"
+
+# How long a request waits for Ray Serve to hand it to a replica of its variant: milliseconds normally. With
+# no replica running (its node lost, every replica restarting) Serve would queue it until one starts, for
+# minutes or for ever, and the client would hang; past this bound it fails as a 503 that clients retry.
+ASSIGN_TIMEOUT_S = 10.0
+
+
+class NoReplica(RuntimeError):
+    """No replica of the variant took the request within ASSIGN_TIMEOUT_S."""
 
 
 class VariantClient(Protocol):
@@ -50,11 +60,17 @@ class RayVariant:
         answer = getattr(self._handle, endpoint).remote(request, None)
         finished = False
         try:
+            try:
+                # Serve's own wait for a replica (what iterating the response awaits first), bounded. A private
+                # method: Serve has no public way to bound the assignment apart from the generation.
+                await asyncio.wait_for(answer._fetch_future_result_async(), ASSIGN_TIMEOUT_S)
+            except TimeoutError:
+                raise NoReplica(f"no replica took the request within {ASSIGN_TIMEOUT_S:.0f} s") from None
             async for item in answer:
                 yield item
             finished = True
         finally:
-            if not finished:  # closed early (the client went away) or cancelled: the engine stops generating
+            if not finished:  # no replica, closed early (the client went away) or cancelled: the engine stops
                 answer.cancel()
 
     async def healthy(self) -> bool:

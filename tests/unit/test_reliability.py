@@ -266,7 +266,7 @@ async def test_a_client_gone_mid_stream_closes_the_engine_stream_at_once() -> No
 
 
 class FakeResponseGenerator:
-    """Ray Serve's DeploymentResponseGenerator as RayVariant uses it: iterated, and cancelled."""
+    """Ray Serve's DeploymentResponseGenerator as RayVariant uses it: assigned, iterated, and cancelled."""
 
     def __init__(self, items: list[str]) -> None:
         self.items = items
@@ -282,6 +282,9 @@ class FakeResponseGenerator:
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    async def _fetch_future_result_async(self) -> None:
+        """Serve's wait for a replica to take the request: at once here, one is always there."""
 
 
 class FakeHandle:

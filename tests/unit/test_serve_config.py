@@ -144,3 +144,21 @@ def test_serve_starts_ray_here_or_joins_a_cluster_given_its_address(monkeypatch:
     monkeypatch.setattr(launch, "serve", fake_serve)
     assert cli.main(["serve", "--config", "x.yaml", "--address", "auto"]) == 0
     assert called == [(Path("x.yaml"), "auto")]
+
+
+def test_custom_resources_pin_a_variant_to_the_nodes_that_advertise_them(tmp_path: Path) -> None:
+    from serving.app import llm_config
+    from serving.config import load_config
+
+    pinned = SCALED.replace("gpu: false, replicas: 2}", "gpu: false, replicas: 2, resources: {worker_b: 1}}")
+    pinned = pinned.replace("gpu: true, autoscaling", "gpu: true, resources: {gpu_pool: 0.5}, autoscaling")
+    (tmp_path / "c.yaml").write_text(pinned)
+    config = load_config(tmp_path / "c.yaml")
+    fp16 = llm_config("m", "fp16", config.variants["fp16"], gpu=False)
+    assert fp16.placement_group_config == {"bundles": [{"CPU": 1, "worker_b": 1}]}
+    awq = llm_config("m", "awq", config.variants["awq"], gpu=True)
+    assert awq.placement_group_config == {"bundles": [{"GPU": 1, "gpu_pool": 0.5}]}
+    for bad, message in [("{CPU: 2}", "CPU follow from gpu"), ("{worker_b: 0}", "must be above 0")]:
+        (tmp_path / "c.yaml").write_text(SCALED.replace("replicas: 2}", f"replicas: 2, resources: {bad}}}"))
+        with pytest.raises(ConfigError, match=message):
+            load_config(tmp_path / "c.yaml")
