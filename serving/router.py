@@ -304,7 +304,8 @@ class Call:
         error = engine_error(first)
         if error is not None:
             self.done()
-            self.count("rejected")
+            # A request the engine refused (4xx) says nothing of the variant; an engine that failed (5xx) does.
+            self.count("rejected" if error.status < 500 else "error")
             raise error
         first_at = time.monotonic()
         if not isinstance(first, str | list):  # a whole, non-streaming response

@@ -125,6 +125,20 @@ async def test_engine_rejections_and_failures_are_mapped(client: httpx.AsyncClie
     assert ready.json()["variants"]["fp16"] is False
 
 
+@pytest.mark.parametrize(("engine_status", "outcome", "status"), [(400, "rejected", 400), (500, "error", 503)])
+async def test_an_engine_refusal_is_rejected_and_an_engine_failure_an_error(
+    client: httpx.AsyncClient, core: RouterCore, engine_status: int, outcome: str, status: int
+) -> None:
+    # A refused request says nothing of the variant's health; a failed engine does (error rate, rollback).
+    core.variants["fp16"] = FakeVariant("fp16", error_status=engine_status)
+    answer = await client.post("/v1/chat/completions", json=CHAT, headers=key("demo-premium"))
+    assert answer.status_code == status
+    labels = {"variant": "fp16", "tier": "premium", "role": "primary"}
+    assert metric_sample(core.metrics, "ray_serving_requests_total", {**labels, "outcome": outcome}) == 1
+    other = "error" if outcome == "rejected" else "rejected"
+    assert not metric_sample(core.metrics, "ray_serving_requests_total", {**labels, "outcome": other})
+
+
 async def test_models_lists_one_model_with_its_variants(client: httpx.AsyncClient) -> None:
     assert (await client.get("/v1/models")).status_code == 401
     listing = (await client.get("/v1/models", headers=key("demo-premium"))).json()
