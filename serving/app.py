@@ -46,12 +46,12 @@ class Router:
     async def sync(self) -> None:
         """Delivers this replica's signals and takes the controller's config, secret and live weights."""
         snapshot = await self.core.follower.sync(self.core.config_version)
-        if snapshot["config"] is not None:
-            self.core.apply(Config.model_validate_json(snapshot["config"]))
-            logger.info("config version %d applied", snapshot["version"])
-        self.core.config_version = snapshot["version"]
-        self.core.secret = bytes.fromhex(snapshot["secret"])
-        self.core.follower.follow(snapshot["weights"], self.core.config)
+        if snapshot.config is not None:
+            self.core.apply(Config.model_validate_json(snapshot.config))
+            logger.info("config version %d applied", snapshot.version)
+        self.core.config_version = snapshot.version
+        self.core.secret = bytes.fromhex(snapshot.secret)
+        self.core.follower.follow(snapshot.weights, self.core.config)
 
     async def follow_controller(self) -> None:
         while True:

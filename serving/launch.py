@@ -341,7 +341,7 @@ def apply(config_path: Path) -> int:
     config = load_config(config_path)
     release_policy.enforce(config, config_path)  # before the stack: a refused config never reaches it
     store = connect()
-    current = Config.model_validate_json(ray.get(store.snapshot.remote(0))["config"])
+    current = Config.model_validate_json(ray.get(store.snapshot.remote(0)).config)
     if variants_differ(current, config):
         raise ConfigError("the variants changed; that needs a restart of the stack, not an apply")
     version = ray.get(store.apply.remote(config.model_dump_json()))

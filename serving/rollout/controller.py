@@ -25,7 +25,7 @@ from serving.config import Config, TierConfig
 from serving.metrics import ActorExport, ControllerMetrics
 from serving.rollout import checks, signals, store
 from serving.rollout.phases import Event, Phase, next_phase
-from serving.rollout.signals import ComparisonSignal, FeedbackSignal, RequestSignal, Signal
+from serving.rollout.signals import ComparisonSignal, FeedbackSignal, RequestSignal, Signal, Snapshot
 
 logger = logging.getLogger("serving.rollout")
 
@@ -436,14 +436,14 @@ class Rollout:
         )
         emit_event("Warning", "RolledBack", name, f"{tier.candidate} {event['weight_before']:g}% -> 0: {why}")
 
-    def snapshot(self, known_version: int) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "config": None if known_version == self.version else self.config.model_dump_json(),
-            "weights": self.weights(),
-            "secret": self.state["secret"],
-            "fail_safe": self.state.get("fail_safe"),
-        }
+    def snapshot(self, known_version: int) -> Snapshot:
+        return Snapshot(
+            version=self.version,
+            config=None if known_version == self.version else self.config.model_dump_json(),
+            weights=self.weights(),
+            secret=self.state["secret"],
+            fail_safe=self.state.get("fail_safe"),
+        )
 
     def status(self) -> dict[str, Any]:
         weights = self.weights()
@@ -515,7 +515,7 @@ class RolloutController:
                 logger.exception("rollout evaluation failed")
             await asyncio.sleep(self.rollout.config.rollback.interval_s)
 
-    async def snapshot(self, known_version: int) -> dict[str, Any]:
+    async def snapshot(self, known_version: int) -> Snapshot:
         await self.ensure_loop()
         return self.rollout.snapshot(known_version)
 

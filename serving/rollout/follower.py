@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from serving.config import Config
 from serving.errors import Unavailable
 from serving.metrics import Metrics
-from serving.rollout.signals import Signal
+from serving.rollout.signals import Signal, Snapshot
 
 logger = logging.getLogger("serving.rollout")
 
@@ -37,7 +37,7 @@ class ControllerLink(Protocol):
 
     async def report(self, batch: str, signals: list[Signal]) -> None: ...
 
-    async def snapshot(self, known_version: int) -> dict[str, Any]: ...
+    async def snapshot(self, known_version: int) -> Snapshot: ...
 
     async def take_vote(self, response_id: str) -> bool: ...
 
@@ -140,13 +140,12 @@ class Follower:
             self.unacknowledged = None
             delivered += len(batch)
 
-    async def sync(self, known_version: int) -> dict[str, Any]:
+    async def sync(self, known_version: int) -> Snapshot:
         """Delivers the signals, then takes the controller's snapshot (the caller applies a new config)
         and its live weights."""
         assert self.controller is not None
         await self.deliver()
-        snapshot = await self.controller.snapshot(known_version)
-        return snapshot
+        return await self.controller.snapshot(known_version)
 
 
 class LocalController:
@@ -158,8 +157,8 @@ class LocalController:
     async def report(self, batch: str, signals: list[Signal]) -> None:
         self.rollout.report(signals, batch)
 
-    async def snapshot(self, known_version: int) -> dict[str, Any]:
-        snapshot: dict[str, Any] = self.rollout.snapshot(known_version)
+    async def snapshot(self, known_version: int) -> Snapshot:
+        snapshot: Snapshot = self.rollout.snapshot(known_version)
         return snapshot
 
     async def take_vote(self, response_id: str) -> bool:
@@ -190,8 +189,8 @@ class RayController:
     async def report(self, batch: str, signals: list[Signal]) -> None:
         await self.handle.report.remote(signals, batch)
 
-    async def snapshot(self, known_version: int) -> dict[str, Any]:
-        snapshot: dict[str, Any] = await self.handle.snapshot.remote(known_version)
+    async def snapshot(self, known_version: int) -> Snapshot:
+        snapshot: Snapshot = await self.handle.snapshot.remote(known_version)
         return snapshot
 
     async def take_vote(self, response_id: str) -> bool:

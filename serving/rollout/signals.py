@@ -1,13 +1,16 @@
 """What routers tell the rollout controller: one typed record per event, declared here, next to the
-controller that reads them. They cross a Ray call (pickled), so a record's fields are its contract;
-`VERSION` changes whenever a field does, and the controller counts records of another version as
-dropped instead of misreading them (routers and controller may briefly run different code in a redeploy).
+controller that reads them, and the `Snapshot` the controller answers each router's sync with. They cross
+a Ray call (pickled), so a record's fields are its contract; `VERSION` changes whenever a field does, and
+the controller counts records of another version as dropped instead of misreading them (routers and
+controller may briefly run different code in a redeploy).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 VERSION = 2
 
@@ -50,6 +53,19 @@ class FeedbackSignal:
 
 
 Signal = RequestSignal | ComparisonSignal | FeedbackSignal
+
+
+class Snapshot(BaseModel):
+    """What the controller hands every router on each sync: the applied config (only when the router's
+    version is behind), the live weights, and the secret that keys the sticky split and signs response ids."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: int = Field(ge=1, description="the applied config's version")
+    config: str | None = Field(description="the applied config as JSON; None when the router already has it")
+    weights: dict[str, float] = Field(description="the live canary weight of each tier, percent")
+    secret: str = Field(description="hex; shared by every router replica")
+    fail_safe: str | None = Field(None, description="why every candidate is held at 0, when the state was damaged")
 
 
 TYPES: dict[str, type[RequestSignal] | type[ComparisonSignal] | type[FeedbackSignal]] = {

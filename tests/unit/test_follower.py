@@ -40,7 +40,7 @@ def replica(rollout: Rollout) -> RouterCore:
     """One router replica attached to the shared controller, as serving.app attaches it."""
     variants = {name: FakeVariant(name) for name in rollout.config.variants}
     core = RouterCore(rollout.config, variants, controller=LocalController(rollout))
-    core.secret = bytes.fromhex(rollout.snapshot(0)["secret"])
+    core.secret = bytes.fromhex(rollout.snapshot(0).secret)
     return core
 
 
@@ -139,7 +139,7 @@ async def test_a_replica_takes_the_controllers_weights_and_starts_at_zero(tmp_pa
     core = replica(rollout)
     assert core.follower.weight(core.config, "batch") == 0.0  # until the controller answered
     snapshot = await core.follower.sync(0)
-    core.follower.follow(snapshot["weights"], core.config)
+    core.follower.follow(snapshot.weights, core.config)
     assert core.follower.weight(core.config, "batch") == rollout.weights()["batch"] > 0
     labels = {"tier": "batch", "candidate": "awq"}
     assert metric_sample(core.metrics, "ray_serving_canary_weight_percent", labels) == rollout.weights()["batch"]

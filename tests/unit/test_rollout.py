@@ -1,17 +1,19 @@
 from __future__ import annotations
 
 import json
+import pickle
 import random
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from serving.config import Config, load_config
 from serving.metrics import sample as metric_sample
 from serving.rollout import checks, store
 from serving.rollout.controller import Rollout
 from serving.rollout.phases import TRANSITIONS, Event, InvalidTransition, Phase, next_phase
-from serving.rollout.signals import ComparisonSignal, FeedbackSignal, RequestSignal, Signal
+from serving.rollout.signals import ComparisonSignal, FeedbackSignal, RequestSignal, Signal, Snapshot
 
 REPO = Path(__file__).resolve().parents[2]
 T = checks.Thresholds(
@@ -248,7 +250,7 @@ def test_a_damaged_state_file_gives_a_fail_safe_start_with_a_clear_error(
     reason = started.status()["fail_safe"]
     assert "could not be read" in reason
     assert "serving apply" in reason
-    assert started.snapshot(0)["fail_safe"] == reason
+    assert started.snapshot(0).fail_safe == reason
     from serving.cli import rollout_table
 
     assert f"FAIL-SAFE: {reason}" in rollout_table(started.status())
@@ -301,10 +303,21 @@ def test_the_state_file_is_private_and_keeps_the_secret(tmp_path: Path) -> None:
     config = demo_config(tmp_path)
     first = Rollout(config, Clock())
     assert oct(config.rollback.state_file.stat().st_mode & 0o777) == "0o600"
-    secret = first.snapshot(0)["secret"]
+    secret = first.snapshot(0).secret
     assert len(bytes.fromhex(secret)) == 32
-    assert Rollout(config, Clock(), restarted=True).snapshot(0)["secret"] == secret  # buckets survive
+    assert Rollout(config, Clock(), restarted=True).snapshot(0).secret == secret  # buckets survive
     assert list(tmp_path.glob("*.tmp")) == []
+
+
+def test_a_snapshot_carries_the_config_only_to_a_router_behind_and_survives_pickling(tmp_path: Path) -> None:
+    rollout = Rollout(demo_config(tmp_path), Clock())
+    behind, current = rollout.snapshot(0), rollout.snapshot(rollout.version)
+    assert behind.config is not None
+    assert Config.model_validate_json(behind.config) == rollout.config
+    assert current.config is None
+    assert pickle.loads(pickle.dumps(current)) == current  # it crosses a Ray call
+    with pytest.raises(ValidationError):  # a malformed snapshot is refused, not half read
+        Snapshot.model_validate({**current.model_dump(), "weights": {"batch": "half"}})
 
 
 def test_override_votes_never_outnumber_the_answers_they_judge(tmp_path: Path) -> None:
