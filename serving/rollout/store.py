@@ -16,7 +16,40 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from serving.rollout.phases import Phase
+
 logger = logging.getLogger("serving.rollout")
+
+
+class TierRecord(BaseModel):
+    """One tier's rollout record in the state file. Extra fields are kept: a file written by newer code
+    is read by older code during a redeploy."""
+
+    model_config = ConfigDict(extra="allow")
+
+    phase: Phase
+    history: list[dict[str, Any]] = Field(default_factory=list, description="rollbacks, steps, promotions, ...")
+    candidate: str | None = None
+    tier_hash: str | None = Field(None, description="the tier config the phase was reached under")
+    since: float | None = Field(None, description="judging counts signals from this unix time on")
+    step_at: float | None = Field(None, description="when a progression last stepped")
+    live_weight: float | None = Field(None, ge=0, le=100, description="a progression's current weight")
+    paused: dict[str, Any] | None = Field(None, description="who paused the tier, and when")
+
+
+class StateFile(BaseModel):
+    """The state file's shape, checked on every read: a file that does not have it is damaged (moved
+    aside, fail-safe start), never half used."""
+
+    model_config = ConfigDict(extra="allow")
+
+    tiers: dict[str, TierRecord] = Field(default_factory=dict)
+    secret: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="keys the sticky split; signs ids")
+    config: str | None = Field(None, description="the last applied config, as JSON")
+    version: int | None = Field(None, ge=1, description="the last applied config's version")
+    fail_safe: str | None = None
 
 
 def load_state(path: Path) -> dict[str, Any]:
@@ -25,10 +58,14 @@ def load_state(path: Path) -> dict[str, Any]:
         return {"tiers": {}}
     try:
         state = json.loads(path.read_text())
-        if not isinstance(state, dict) or not isinstance(state.setdefault("tiers", {}), dict):
+        if not isinstance(state, dict):
             raise ValueError("it is not a rollout state (an object with a `tiers` object)")
+        StateFile.model_validate(state)  # checked, not converted: the controller keeps the file's own dict
+    except ValidationError as exc:
+        return quarantine(path, f"it is not a rollout state: {exc.errors()[0]['loc']} {exc.errors()[0]['msg']}")
     except (OSError, UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         return quarantine(path, f"{type(exc).__name__}: {exc}")
+    state.setdefault("tiers", {})
     return state
 
 

@@ -233,7 +233,7 @@ def test_rollout_status_prints_as_a_table(tmp_path: Path) -> None:
     assert any(line.startswith("rolled back:") and "tier batch: awq 50% -> 0" in line for line in table)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "not-an-object", "binary"])
+@pytest.mark.parametrize("damage", ["truncate", "not-an-object", "binary", "unknown-phase", "short-secret"])
 def test_a_damaged_state_file_gives_a_fail_safe_start_with_a_clear_error(
     tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -241,8 +241,18 @@ def test_a_damaged_state_file_gives_a_fail_safe_start_with_a_clear_error(
     Rollout(config, Clock())  # writes a good state file
     path = config.rollback.state_file
     good = path.read_bytes()
+    # Well-formed JSON of the wrong shape is damage too: an unknown phase used to crash every controller start.
+    unknown_phase, short_secret = json.loads(good), json.loads(good)
+    unknown_phase["tiers"]["batch"]["phase"] = "wizard"
+    short_secret["secret"] = "abc"
     path.write_bytes(
-        {"truncate": good[: len(good) // 2], "not-an-object": b"[1, 2]", "binary": b"\xff\xfe\x00"}[damage]
+        {
+            "truncate": good[: len(good) // 2],
+            "not-an-object": b"[1, 2]",
+            "binary": b"\xff\xfe\x00",
+            "unknown-phase": json.dumps(unknown_phase).encode(),
+            "short-secret": json.dumps(short_secret).encode(),
+        }[damage]
     )
 
     started = Rollout(config, Clock())  # does not raise: Ray would not restart a controller that did
