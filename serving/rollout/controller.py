@@ -20,6 +20,7 @@ from dataclasses import asdict
 from typing import Any
 
 import ray
+from pydantic import BaseModel, Field
 
 from serving.config import Config, TierConfig
 from serving.metrics import ActorExport, ControllerMetrics
@@ -51,6 +52,28 @@ def emit_event(kind: str, reason: str, tier: str, message: str) -> None:
     so that log pipelines that already parse those pick rollbacks and promotions up as they are."""
     log = logger.warning if kind == "Warning" else logger.info
     log("event type=%s reason=%s object=tier/%s message=%r", kind, reason, tier, message)
+
+
+class TierStatus(BaseModel):
+    """One tier as `serving rollout status` shows it."""
+
+    phase: Phase
+    baseline: str
+    candidate: str | None
+    configured_weight: float = Field(ge=0, le=100, description="the config's weight (a progression's start)")
+    live_weight: float = Field(ge=0, le=100, description="the weight the routers use now")
+    progression: dict[str, float] | None
+    next_step: dict[str, float] | None = Field(description="a progression's next weight and its earliest time")
+    paused: dict[str, Any] | None = Field(description="who paused the tier, and when")
+    checks: list[dict[str, Any]] = Field(description="the last judgement: each check's value, threshold, samples")
+    history: list[dict[str, Any]] = Field(description="rollbacks, steps, promotions and operator actions")
+
+
+class RolloutStatus(BaseModel):
+    config_version: int
+    fail_safe: str | None = Field(description="why every candidate is held at 0, if the state file was damaged")
+    interval_s: float
+    tiers: dict[str, TierStatus]
 
 
 def tier_hash(tier: TierConfig) -> str:
@@ -397,8 +420,7 @@ class Rollout:
         emit_event(
             "Warning" if action == "abort" else "Normal", reason, name, f"{tier.candidate} at {weight:g}% by {by}"
         )
-        status: dict[str, Any] = self.status()["tiers"][name]
-        return status
+        return self.status().tiers[name].model_dump(mode="json")
 
     def roll_back(self, name: str, tier: TierConfig, failed: list[checks.Verdict]) -> None:
         state = copy.deepcopy(self.state)
@@ -445,28 +467,28 @@ class Rollout:
             fail_safe=self.state.get("fail_safe"),
         )
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> RolloutStatus:
         weights = self.weights()
-        return {
-            "config_version": self.version,
-            "fail_safe": self.state.get("fail_safe"),
-            "interval_s": self.config.rollback.interval_s,
-            "tiers": {
-                name: {
-                    "phase": self.state["tiers"][name]["phase"],
-                    "baseline": tier.baseline,
-                    "candidate": tier.candidate,
-                    "configured_weight": tier.weight,
-                    "live_weight": weights[name],
-                    "progression": tier.progression.model_dump() if tier.progression else None,
-                    "next_step": self.next_step(name, tier),
-                    "paused": self.state["tiers"][name].get("paused"),
-                    "checks": self.latest.get(name, []),
-                    "history": self.state["tiers"][name].get("history", []),
-                }
+        return RolloutStatus(
+            config_version=self.version,
+            fail_safe=self.state.get("fail_safe"),
+            interval_s=self.config.rollback.interval_s,
+            tiers={
+                name: TierStatus(
+                    phase=self.state["tiers"][name]["phase"],
+                    baseline=tier.baseline,
+                    candidate=tier.candidate,
+                    configured_weight=tier.weight,
+                    live_weight=weights[name],
+                    progression=tier.progression.model_dump() if tier.progression else None,
+                    next_step=self.next_step(name, tier),
+                    paused=self.state["tiers"][name].get("paused"),
+                    checks=self.latest.get(name, []),
+                    history=self.state["tiers"][name].get("history", []),
+                )
                 for name, tier in self.config.tiers.items()
             },
-        }
+        )
 
     def next_step(self, name: str, tier: TierConfig) -> dict[str, float] | None:
         """The weight of a progression's next step and the earliest time it may happen (if every check passes)."""
@@ -532,7 +554,7 @@ class RolloutController:
         return self.rollout.operate(tier, action, by)
 
     async def status(self) -> dict[str, Any]:
-        return self.rollout.status()
+        return self.rollout.status().model_dump(mode="json")  # the wire form: `serving rollout status --json`
 
 
 def controller(config_json: str | None = None, *, recover: bool = False) -> Any:

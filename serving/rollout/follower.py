@@ -166,7 +166,7 @@ class LocalController:
         return taken
 
     async def status(self) -> dict[str, Any]:
-        status: dict[str, Any] = self.rollout.status()
+        status: dict[str, Any] = self.rollout.status().model_dump(mode="json")
         return status
 
 

@@ -51,8 +51,8 @@ def test_a_passing_candidate_steps_up_to_max_weight_then_is_promoted(tmp_path: P
     clock = Clock()
     rollout = Rollout(config(tmp_path), clock)
     assert rollout.weights()["standard"] == 10.0  # the config's weight is the start
-    status = rollout.status()["tiers"]["standard"]
-    assert status["next_step"] == {"weight": 30.0, "at": 1060.0}
+    status = rollout.status().tiers["standard"]
+    assert status.next_step == {"weight": 30.0, "at": 1060.0}
     rollout.report(healthy())
     clock.now += 30
     assert rollout.evaluate() == []
@@ -62,16 +62,16 @@ def test_a_passing_candidate_steps_up_to_max_weight_then_is_promoted(tmp_path: P
         passing_interval(rollout, clock)
         seen.append(rollout.weights()["standard"])
     assert seen == [30.0, 50.0, 100.0]
-    tier = rollout.status()["tiers"]["standard"]
-    assert tier["phase"] == "promoted"
-    assert tier["next_step"] is None
-    assert [(e["kind"], e["weight_before"], e["weight_after"]) for e in tier["history"]] == [
+    tier = rollout.status().tiers["standard"]
+    assert tier.phase == "promoted"
+    assert tier.next_step is None
+    assert [(e["kind"], e["weight_before"], e["weight_after"]) for e in tier.history] == [
         ("step", 10.0, 30.0),
         ("step", 30.0, 50.0),
         ("promoted", 50.0, 100.0),
     ]
     assert metric_sample(rollout.metrics, "ray_serving_promotions_total", {"tier": "standard"}) == 1
-    table = rollout_table(rollout.status())
+    table = rollout_table(rollout.status().model_dump(mode="json"))
     assert "step: " in table
     assert "promoted: " in table
     assert "int8 50% -> 100%" in table
@@ -94,7 +94,7 @@ def test_a_failing_check_rolls_back_mid_progression(tmp_path: Path) -> None:
     rollout.report([ComparisonSignal("standard", "int8", "fp16", "candidate", True, 0.5) for _ in range(200)])
     assert rollout.evaluate() == ["standard"]
     assert rollout.weights()["standard"] == 0.0
-    event = rollout.status()["tiers"]["standard"]["history"][-1]
+    event = rollout.status().tiers["standard"].history[-1]
     assert (event["kind"], event["weight_before"]) == ("rollback", 30.0)
 
 
@@ -106,7 +106,7 @@ def test_the_progression_survives_a_restart_and_a_reapply_changes_nothing(tmp_pa
     assert again.weights()["standard"] == 30.0
     again.apply(config(tmp_path))  # the same file
     assert again.weights()["standard"] == 30.0
-    assert again.status()["tiers"]["standard"]["next_step"]["at"] == 1061.0 + 60
+    assert (again.status().tiers["standard"].next_step or {}).get("at") == 1061.0 + 60
     again.apply(config(tmp_path, weight=5.0))  # a changed tier starts again from its weight
     assert again.weights()["standard"] == 5.0
 
@@ -117,7 +117,7 @@ def test_a_promoted_tier_stays_promoted_when_the_same_file_is_applied(tmp_path: 
     for _ in range(3):
         passing_interval(rollout, clock)
     rollout.apply(config(tmp_path))
-    assert (rollout.status()["tiers"]["standard"]["phase"], rollout.weights()["standard"]) == ("promoted", 100.0)
+    assert (rollout.status().tiers["standard"].phase, rollout.weights()["standard"]) == ("promoted", 100.0)
 
 
 def test_pause_holds_resume_waits_a_whole_interval_abort_rolls_back(tmp_path: Path) -> None:
@@ -128,7 +128,7 @@ def test_pause_holds_resume_waits_a_whole_interval_abort_rolls_back(tmp_path: Pa
     assert tier["next_step"] is None
     passing_interval(rollout, clock)
     assert rollout.weights()["standard"] == 10.0  # held
-    assert "paused by ana@ops-1" in rollout_table(rollout.status())
+    assert "paused by ana@ops-1" in rollout_table(rollout.status().model_dump(mode="json"))
     with pytest.raises(ValueError, match="already paused"):
         rollout.operate("standard", "pause", "bo@ops-2")
     rollout.operate("standard", "resume", "bo@ops-2")
@@ -141,15 +141,15 @@ def test_pause_holds_resume_waits_a_whole_interval_abort_rolls_back(tmp_path: Pa
     rollout.operate("standard", "abort", "ana@ops-1")
     assert rollout.weights()["standard"] == 0.0
     assert Rollout(config(tmp_path), clock, restarted=True).weights()["standard"] == 0.0  # persisted
-    history = rollout.status()["tiers"]["standard"]["history"]
+    history = rollout.status().tiers["standard"].history
     assert [(e["kind"], e["by"]) for e in history] == [
         ("pause", "ana@ops-1"),
         ("resume", "bo@ops-2"),
         ("step", "controller"),
         ("abort", "ana@ops-1"),
     ]
-    assert "abort: " in rollout_table(rollout.status())
-    assert "by ana@ops-1" in rollout_table(rollout.status())
+    assert "abort: " in rollout_table(rollout.status().model_dump(mode="json"))
+    assert "by ana@ops-1" in rollout_table(rollout.status().model_dump(mode="json"))
 
 
 def test_operations_that_make_no_sense_are_refused_with_a_reason(tmp_path: Path) -> None:

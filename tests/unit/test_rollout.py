@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from serving.config import Config, load_config
 from serving.metrics import sample as metric_sample
 from serving.rollout import checks, store
-from serving.rollout.controller import Rollout
+from serving.rollout.controller import Rollout, RolloutStatus
 from serving.rollout.phases import TRANSITIONS, Event, InvalidTransition, Phase, next_phase
 from serving.rollout.signals import ComparisonSignal, FeedbackSignal, RequestSignal, Signal, Snapshot
 
@@ -174,7 +174,7 @@ def test_a_failing_candidate_goes_to_zero_is_persisted_and_stays_rolled_back(tmp
     assert rollout.evaluate() == ["batch"]
     assert rollout.weights()["batch"] == 0.0
     assert rollout.weights()["standard"] == 50.0  # other tiers are untouched
-    event = rollout.status()["tiers"]["batch"]["history"][-1]
+    event = rollout.status().tiers["batch"].history[-1]
     assert set(event["reasons"]) == {"disagreement", "score_drift"}
     assert event["values"]["score_drift"] == pytest.approx(0.15)
     assert event["thresholds"]["score_drift"] == 0.05
@@ -188,14 +188,14 @@ def test_a_failing_candidate_goes_to_zero_is_persisted_and_stays_rolled_back(tmp
     # A new controller under the same config (a redeploy) reads the state file: still rolled back.
     again = Rollout(demo_config(tmp_path), clock)
     assert again.weights()["batch"] == 0.0
-    assert again.status()["tiers"]["batch"]["phase"] == "rolled_back"
+    assert again.status().tiers["batch"].phase == "rolled_back"
     # Re-applying the same config does not re-enable it; changing the tier's config does.
     again.apply(demo_config(tmp_path))
     assert again.weights()["batch"] == 0.0
     clock.now += 10
     again.apply(demo_config(tmp_path, weight=10.0))
     assert again.weights()["batch"] == 10.0
-    assert again.status()["tiers"]["batch"]["phase"] == "progressing"
+    assert again.status().tiers["batch"].phase == "progressing"
     # The old bad signals are from before the re-enable and are not judged again.
     assert again.evaluate() == []
 
@@ -205,7 +205,7 @@ def test_a_healthy_candidate_is_not_rolled_back(tmp_path: Path) -> None:
     rollout.report([ComparisonSignal("standard", "int8", "fp16", "candidate", i % 2 == 0, 0.005) for i in range(200)])
     rollout.report([RequestSignal("standard", v, True, 0.08, 0.02, 0.01) for v in ("int8", "fp16") for _ in range(100)])
     assert rollout.evaluate() == []
-    checks_seen = {c["check"]: c for c in rollout.status()["tiers"]["standard"]["checks"]}
+    checks_seen = {c["check"]: c for c in rollout.status().tiers["standard"].checks}
     assert checks_seen["score_drift"]["value"] == pytest.approx(0.005)
     assert not any(c["failed"] for c in checks_seen.values())
 
@@ -225,7 +225,7 @@ def test_rollout_status_prints_as_a_table(tmp_path: Path) -> None:
     rollout = Rollout(demo_config(tmp_path), Clock())
     rollout.report(awq_signals(30))
     rollout.evaluate()
-    table = rollout_table(rollout.status()).splitlines()
+    table = rollout_table(rollout.status().model_dump(mode="json")).splitlines()
     assert table[0].split()[:6] == ["TIER", "PHASE", "BASELINE", "CANDIDATE", "WEIGHT", "LIVE"]
     batch = next(line for line in table if line.startswith("batch "))
     assert batch.split()[:6] == ["batch", "rolled_back", "int8", "awq", "50", "0"]
@@ -257,13 +257,14 @@ def test_a_damaged_state_file_gives_a_fail_safe_start_with_a_clear_error(
 
     started = Rollout(config, Clock())  # does not raise: Ray would not restart a controller that did
     assert started.weights() == {"premium": 0.0, "standard": 0.0, "batch": 0.0}  # every candidate held at 0
-    reason = started.status()["fail_safe"]
+    reason = started.status().fail_safe
+    assert reason is not None
     assert "could not be read" in reason
     assert "serving apply" in reason
     assert started.snapshot(0).fail_safe == reason
     from serving.cli import rollout_table
 
-    assert f"FAIL-SAFE: {reason}" in rollout_table(started.status())
+    assert f"FAIL-SAFE: {reason}" in rollout_table(started.status().model_dump(mode="json"))
     assert "FAIL-SAFE START" in caplog.text
     (aside,) = tmp_path.glob("state.json.damaged-*")  # kept for the operator, never deleted
     assert aside.read_bytes() != good
@@ -272,7 +273,7 @@ def test_a_damaged_state_file_gives_a_fail_safe_start_with_a_clear_error(
     assert Rollout(config, Clock(), restarted=True).weights()["batch"] == 0.0
     started.apply(config)
     assert started.weights() == {"premium": 0.0, "standard": 50.0, "batch": 50.0}
-    assert started.status()["fail_safe"] is None
+    assert started.status().fail_safe is None
 
 
 def test_a_state_file_with_an_invalid_config_gives_a_fail_safe_start(tmp_path: Path) -> None:
@@ -283,7 +284,7 @@ def test_a_state_file_with_an_invalid_config_gives_a_fail_safe_start(tmp_path: P
     state["config"] = '{"model": 3}'
     path.write_text(json.dumps(state))
     restarted = Rollout(config, Clock(), restarted=True)
-    assert "its config is invalid" in restarted.status()["fail_safe"]
+    assert "its config is invalid" in (restarted.status().fail_safe or "")
     assert restarted.weights()["standard"] == 0.0
 
 
@@ -328,6 +329,16 @@ def test_a_snapshot_carries_the_config_only_to_a_router_behind_and_survives_pick
     assert pickle.loads(pickle.dumps(current)) == current  # it crosses a Ray call
     with pytest.raises(ValidationError):  # a malformed snapshot is refused, not half read
         Snapshot.model_validate({**current.model_dump(), "weights": {"batch": "half"}})
+
+
+def test_the_status_wire_form_reads_back_as_the_typed_status(tmp_path: Path) -> None:
+    rollout = Rollout(demo_config(tmp_path), Clock())
+    rollout.report(awq_signals(30))
+    rollout.evaluate()  # a rollback: history and checks are not empty
+    status = rollout.status()
+    wire = status.model_dump(mode="json")  # what `serving rollout status --json` and /admin/rollout show
+    assert wire["tiers"]["batch"]["phase"] == "rolled_back"
+    assert RolloutStatus.model_validate(wire) == status
 
 
 def test_override_votes_never_outnumber_the_answers_they_judge(tmp_path: Path) -> None:
