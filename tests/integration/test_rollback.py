@@ -265,13 +265,22 @@ def test_the_rollback_reaches_every_router_within_seconds(judged: Judged) -> Non
 
 
 def test_the_rollback_is_counted_once_not_once_per_router_replica(judged: Judged) -> None:
-    reasons = judged.status["tiers"]["batch"]["history"][-1]["reasons"]
+    history = judged.status["tiers"]["batch"]["history"]
+    reasons = history[-1]["reasons"]
+    # The session's stack may have rolled batch back before (the every-panel test does): the counter holds
+    # every rollback the history holds, once each. The old per-replica mirror counted each one once per router
+    # replica (twice here); a restarted controller's new process starts from 0 beside its predecessor's last
+    # sample, which Ray's agent may keep or drop, so at most the history's count, at least this rollback.
+    recorded = {
+        r: sum(r in e.get("reasons", []) for e in history if e.get("kind", "rollback") == "rollback") for r in reasons
+    }
 
-    def counted() -> list[float]:
-        return [exported("ray_serving_rollbacks_total", tier="batch", reason=r) for r in reasons]
+    def counted() -> dict[str, float]:
+        return {r: exported("ray_serving_rollbacks_total", tier="batch", reason=r) for r in reasons}
 
-    wait_until(lambda: all(counted()), 30, "the rollback exported")
-    assert counted() == [1] * len(reasons)
+    wait_until(lambda: all(counted().values()), 30, "the rollback exported")
+    for reason, count in counted().items():
+        assert 1 <= count <= recorded[reason], (reason, count, recorded)
 
 
 def test_rollout_status_and_the_state_file_show_the_rollback(stack: Stack, judged: Judged) -> None:
