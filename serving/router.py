@@ -233,9 +233,8 @@ class RouterCore:
                 code="feedback_rate_limited",
                 headers={"retry-after": str(max(1, round(wait_s)))},
             )
-        if not await self.follower.take_vote(
-            response_id
-        ):  # one vote per response: repeats cannot trip, or hide, a rollback
+        # One vote per response, whichever replica takes it: repeats cannot trip, or hide, a rollback.
+        if not await self.follower.take_vote(response_id):
             raise Conflict("feedback on this response was already recorded", param="response_id", code="duplicate")
         self.metrics.feedback.labels(answered.variant, answered.tier).inc()
         self.follower.record(FeedbackSignal(answered.tier, answered.variant, overridden, response_id))
@@ -266,6 +265,7 @@ class Call:
         self.core, self.principal, self.variant, self.endpoint, self.parsed = core, principal, variant, endpoint, parsed
         self.shadow = shadow
         self.escalation = escalate
+        self.role = role
         self.labels = (variant, principal.tier, role)
         self.started = time.monotonic()
 
@@ -444,7 +444,7 @@ class Call:
         self.core.metrics.requests.labels(*self.labels, outcome).inc()
         # A request the engine refused as invalid says nothing of the variant. The rollout judges the answers
         # routing chose: escalation re-runs, the hard cases only, would bias the baseline's.
-        if outcome != "rejected" and self.labels[2] == "primary":
+        if outcome != "rejected" and self.role == "primary":
             latency = time.monotonic() - self.started
             signal = RequestSignal(self.principal.tier, self.variant, outcome == "ok", latency, ttft, tpot)
             self.core.follower.record(signal)

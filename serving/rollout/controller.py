@@ -22,7 +22,7 @@ from typing import Any
 import ray
 from pydantic import BaseModel, Field
 
-from serving.config import Config, TierConfig
+from serving.config import Config, ProgressionConfig, TierConfig
 from serving.metrics import ActorExport, ControllerMetrics
 from serving.rollout import checks, signals, store
 from serving.rollout.phases import Event, Phase, next_phase
@@ -74,6 +74,18 @@ class RolloutStatus(BaseModel):
     fail_safe: str | None = Field(description="why every candidate is held at 0, if the state file was damaged")
     interval_s: float
     tiers: dict[str, TierStatus]
+
+
+def next_weight(progression: ProgressionConfig, before: float) -> float:
+    """A progression's weight after one more step from `before`: 100 (promoted) once at `max_weight`."""
+    if before >= progression.max_weight:
+        return 100.0
+    return min(progression.max_weight, round(before + progression.step_weight, 3))
+
+
+def step_due_at(record: dict[str, Any], progression: ProgressionConfig) -> float:
+    """The earliest time of a tier's next step: a whole interval after its last (or its judging's start)."""
+    return float(record.get("step_at", record.get("since", 0.0))) + progression.interval_s
 
 
 def tier_hash(tier: TierConfig) -> str:
@@ -346,18 +358,17 @@ class Rollout:
         now = self.clock()
         if "paused" in record or "fail_safe" in self.state:
             return
-        if now - record.get("step_at", record.get("since", 0.0)) < tier.progression.interval_s:
+        if now < step_due_at(record, tier.progression):
             return
         if not any(v.check == "error_rate" and v.value is not None for v in verdicts):
             return
         before = self.live_weight(name, tier)
         state = copy.deepcopy(self.state)
         changed = state["tiers"][name]
+        after = next_weight(tier.progression, before)
         if before >= tier.progression.max_weight:
             changed["phase"] = next_phase(Phase.PROGRESSING, Event.FULLY_PROMOTED)
-            after = 100.0
         else:
-            after = min(tier.progression.max_weight, round(before + tier.progression.step_weight, 3))
             changed["live_weight"] = after
         changed["step_at"] = now
         kind = "promoted" if after == 100.0 else "step"
@@ -496,13 +507,9 @@ class Rollout:
         progression = tier.progression
         if progression is None or Phase(record["phase"]) is not Phase.PROGRESSING or "paused" in record:
             return None
-        before = self.live_weight(name, tier)
-        after = (
-            100.0 if before >= progression.max_weight else min(progression.max_weight, before + progression.step_weight)
-        )
         return {
-            "weight": round(after, 3),
-            "at": record.get("step_at", record.get("since", 0.0)) + progression.interval_s,
+            "weight": next_weight(progression, self.live_weight(name, tier)),
+            "at": step_due_at(record, progression),
         }
 
 
