@@ -18,11 +18,8 @@ def poll_until(check: Callable[[], T], what: str, *, timeout_s: float = 30, inte
     naming `what` was awaited and the last value seen."""
     deadline = time.monotonic() + timeout_s
     while True:
-        value = check()
-        if value:
+        if _holds(value := check(), deadline, what, timeout_s):
             return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}; last seen: {value!r}")
         time.sleep(interval_s)
 
 
@@ -30,9 +27,15 @@ async def poll_until_async(check: Callable[[], T], what: str, *, timeout_s: floa
     """`poll_until` inside a running event loop: the loop runs on (the awaited work progresses) between checks."""
     deadline = time.monotonic() + timeout_s
     while True:
-        value = check()
-        if value:
+        if _holds(value := check(), deadline, what, timeout_s):
             return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}; last seen: {value!r}")
         await asyncio.sleep(interval_s)
+
+
+def _holds(value: object, deadline: float, what: str, timeout_s: float) -> bool:
+    """Whether the awaited value has come; fails the test once the deadline has passed without it."""
+    if value:
+        return True
+    if time.monotonic() >= deadline:
+        pytest.fail(f"timed out after {timeout_s} s waiting for {what}; last seen: {value!r}")
+    return False
