@@ -169,7 +169,8 @@ class ShadowConfig(Strict):
 class ProgressionConfig(Strict):
     """Progressive promotion: the tier's `weight` is where the candidate starts; each `interval_s` in
     which every check passed raises its live weight by `step_weight`, up to `max_weight`; one more
-    passing interval there promotes it (weight 100). A failed check rolls back at any step."""
+    passing interval there promotes it (weight 100; with max_weight 100, the step that reaches it does).
+    A failed check rolls back at any step."""
 
     step_weight: float = Field(gt=0, le=100, description="percent added to the live weight per passing interval")
     max_weight: float = Field(50.0, gt=0, le=100, description="the last step's weight before promotion")

@@ -366,12 +366,13 @@ class Rollout:
         state = copy.deepcopy(self.state)
         changed = state["tiers"][name]
         after = next_weight(tier.progression, before)
-        if before >= tier.progression.max_weight:
+        # Reaching 100 promotes, whether by the step past max_weight or by a step that lands on 100
+        # (max_weight: 100): one event, one count, never a "promoted" step that leaves it progressing.
+        kind = "promoted" if after >= 100.0 else "step"
+        if kind == "promoted":
             changed["phase"] = next_phase(Phase.PROGRESSING, Event.FULLY_PROMOTED)
-        else:
-            changed["live_weight"] = after
+        changed["live_weight"] = after
         changed["step_at"] = now
-        kind = "promoted" if after == 100.0 else "step"
         event = {"at": now, "kind": kind, "by": "controller", "candidate": tier.candidate}
         changed["history"] = [*changed.get("history", []), {**event, "weight_before": before, "weight_after": after}]
         changed["history"] = changed["history"][-MAX_HISTORY:]
