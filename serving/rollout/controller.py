@@ -492,12 +492,14 @@ class Rollout:
     def roll_back(self, name: str, tier: TierConfig, failed: list[checks.Verdict]) -> None:
         state = copy.deepcopy(self.state)
         record = state["tiers"][name]
-        record["phase"] = next_phase(Phase(record["phase"]), Event.CHECK_FAILED)
+        phase_before = Phase(record["phase"])
+        record["phase"] = next_phase(phase_before, Event.CHECK_FAILED)
         tripped_at = self.clock()
         event = {
             "at": tripped_at,
             "kind": "rollback",
             "by": "controller",
+            "phase_before": str(phase_before),  # progressing (at any step of a progression) or promoted
             "tier": name,
             "candidate": tier.candidate,
             "baseline": tier.baseline,

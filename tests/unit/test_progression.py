@@ -112,7 +112,7 @@ def test_a_failing_check_rolls_back_mid_progression(tmp_path: Path) -> None:
     assert rollout.evaluate() == ["standard"]
     assert rollout.weights()["standard"] == 0.0
     event = rollout.status().tiers["standard"].history[-1]
-    assert (event["kind"], event["weight_before"]) == ("rollback", 30.0)
+    assert (event["kind"], event["phase_before"], event["weight_before"]) == ("rollback", "progressing", 30.0)
 
 
 def test_the_progression_survives_a_restart_and_a_reapply_changes_nothing(tmp_path: Path) -> None:
