@@ -26,6 +26,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.config import ProgressionConfig
+from tests.chaos import kill_controller, kill_replica, replicas
 from tests.integration.conftest import BASE, METRICS_URL, Stack, apply_config, served_variants
 from tests.polling import poll_until
 
@@ -76,42 +77,6 @@ def wait_until(condition: Callable[[], Any], timeout_s: float, what: str) -> Any
 def check(status: dict[str, Any], tier: str, name: str) -> dict[str, Any]:
     found: dict[str, Any] = next(c for c in status["tiers"][tier]["checks"] if c["check"] == name)
     return found
-
-
-def replicas(deployment: str) -> set[tuple[str, str]]:
-    """The live replicas of a Serve deployment of the stack's application, as (namespace, actor name):
-    from Ray's named-actor registry (the state API needs the dashboard, which the stack does not run).
-    Serve names a replica `SERVE_REPLICA::app#deployment#id`; Ray Serve LLM prefixes an engine's
-    deployment name with its class (`VariantServer:variant-fp16`)."""
-    import ray
-
-    found = set()
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        app, _, rest = actor["name"].removeprefix("SERVE_REPLICA::").partition("#")
-        name = rest.rpartition("#")[0]
-        if actor["name"].startswith("SERVE_REPLICA::") and app == "serving" and name.split(":")[-1] == deployment:
-            found.add((actor["namespace"], actor["name"]))
-    return found
-
-
-def kill_replica(deployment: str) -> None:
-    """Kills one replica of a deployment through Ray's API (by its actor handle, never by process name);
-    Serve starts a new one."""
-    import ray
-
-    found = sorted(replicas(deployment))
-    assert found, f"no replica of {deployment}: {ray.util.list_named_actors(all_namespaces=True)}"
-    namespace, name = found[0]
-    ray.kill(ray.get_actor(name, namespace=namespace), no_restart=False)
-
-
-def kill_controller() -> None:
-    """Kills the rollout controller actor; Ray restarts it (max_restarts=-1), from its state file."""
-    import ray
-
-    from serving.rollout.controller import controller
-
-    ray.kill(controller(), no_restart=False)
 
 
 @dataclass
