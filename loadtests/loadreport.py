@@ -17,7 +17,13 @@ from typing import Any
 from matplotlib.dates import DateFormatter, date2num
 from matplotlib.figure import Figure
 
-EVENT_COLORS = {"weight": "tab:blue", "rollback": "tab:red", "no-rollback": "tab:orange"}
+EVENT_COLORS = {
+    "weight": "tab:blue",
+    "rollback": "tab:red",
+    "no-rollback": "tab:orange",
+    "kill": "black",  # a replica or the controller killed (soak.py)
+    "replica-start": "tab:green",  # a replica start the rollout controller saw
+}
 
 
 def read(path: Path) -> list[dict[str, Any]]:
@@ -69,7 +75,7 @@ def summary(requests: list[dict[str, Any]], events: list[dict[str, Any]]) -> str
 
 def plot(requests: list[dict[str, Any]], events: list[dict[str, Any]], out: Path) -> None:
     """Latency over time, one colour per variant (failed requests as crosses); scenario starts as grey
-    lines, weight changes blue, rollbacks red."""
+    lines, weight changes blue, rollbacks red, kills black, replica starts the controller saw green."""
     figure = Figure(figsize=(13, 5.5))
     axes = figure.add_subplot()
     by_variant: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -95,7 +101,9 @@ def plot(requests: list[dict[str, Any]], events: list[dict[str, Any]], out: Path
     axes.set_xlabel("time (UTC)")
     axes.xaxis.set_major_formatter(DateFormatter("%H:%M:%S"))  # type: ignore[no-untyped-call]
     axes.legend(loc="upper left", fontsize=8, ncol=4, markerscale=2)
-    axes.set_title("Latency per request by variant; grey: scenario starts, blue: weight changes, red: rollbacks")
+    axes.set_title(
+        "Latency per request by variant; grey: scenario starts, blue: weight changes, red: rollbacks, black: kills"
+    )
     figure.tight_layout()
     figure.savefig(out, dpi=110)
 

@@ -69,6 +69,7 @@ class Record:
     ttft_s: float | None
     latency_s: float
     output_tokens: int
+    complete: bool  # an answer whose stream ended with its usage chunk (a stream cut short has none)
 
 
 class Run:
@@ -97,6 +98,7 @@ class Run:
         status: int | str = 200
         ttft: float | None = None
         tokens = 0
+        complete = False
         try:
             async with self.clients[tier].chat.completions.with_streaming_response.create(
                 model="demo-chat",
@@ -112,12 +114,12 @@ class Run:
                     if ttft is None and chunk.choices and chunk.choices[0].delta.content:
                         ttft = time.monotonic() - started
                     if chunk.usage is not None:
-                        tokens = chunk.usage.completion_tokens
+                        tokens, complete = chunk.usage.completion_tokens, True
         except openai.APIStatusError as exc:
             status = exc.status_code
         except (openai.APIError, httpx.HTTPError) as exc:
             status = type(exc).__name__
-        record = Record(sent, scenario, tier, variant, status, ttft, time.monotonic() - started, tokens)
+        record = Record(sent, scenario, tier, variant, status, ttft, time.monotonic() - started, tokens, complete)
         self.requests.write(json.dumps(asdict(record)) + "\n")
 
     async def load(self, scenario: str, seconds: float, clients: Callable[[float], int]) -> None:

@@ -232,6 +232,13 @@ def rollout_table(status: dict[str, Any], events: int = 10) -> str:
     if status.get("fail_safe"):
         lines.append(f"FAIL-SAFE: {status['fail_safe']}")
     for name, tier in sorted(status["tiers"].items()):
+        for warm in tier.get("left_out", []):
+            lines.append(
+                f"left out: tier {name}: {warm['samples']} latency samples of {warm['variant']}, from "
+                f"{at(warm['start'])[11:19]} to {at(warm['until'])[11:]} (replica {warm['replica']} started: its "
+                "first seconds)"
+            )
+    for name, tier in sorted(status["tiers"].items()):
         for event in tier["history"][-events:]:
             lines.append(describe_event(name, event))
     return "\n".join(lines)

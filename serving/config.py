@@ -169,7 +169,8 @@ class ShadowConfig(Strict):
 class ProgressionConfig(Strict):
     """Progressive promotion: the tier's `weight` is where the candidate starts; each `interval_s` in
     which every check passed raises its live weight by `step_weight`, up to `max_weight`; one more
-    passing interval there promotes it (weight 100). A failed check rolls back at any step."""
+    passing interval there promotes it (weight 100; with max_weight 100, the step that reaches it does).
+    A failed check rolls back at any step."""
 
     step_weight: float = Field(gt=0, le=100, description="percent added to the live weight per passing interval")
     max_weight: float = Field(50.0, gt=0, le=100, description="the last step's weight before promotion")
@@ -325,6 +326,21 @@ class RollbackConfig(Strict):
     window_save_s: float = Field(
         5.0, gt=0, description="how often the window of signals is saved beside the state file (restarts resume it)"
     )
+    warmup_exclusion_s: float = Field(
+        30.0,
+        ge=0,
+        description="after an engine replica of a variant starts, that variant's latency samples of this many "
+        "seconds are left out of the TTFT and TPOT checks (errors and quality signals still count); 0: none",
+    )
+
+    @model_validator(mode="after")
+    def _exclusion_inside_window(self) -> Self:
+        if self.warmup_exclusion_s > self.window_s:
+            raise ValueError(
+                f"warmup_exclusion_s ({self.warmup_exclusion_s:g}) exceeds window_s ({self.window_s:g}): a replica's "
+                "start leaves the window before its exclusion ends"
+            )
+        return self
 
 
 class GateConfig(Strict):

@@ -13,6 +13,7 @@ process of its own (`engine_class`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -33,6 +34,8 @@ from serving.hardware import (
     weights_dtype,
 )
 from serving.kernels import merge
+from serving.rollout.controller import announce_started
+from serving.rollout.signals import ReplicaStarted
 
 logger = logging.getLogger("serving.engine")
 
@@ -106,6 +109,10 @@ class VariantServer(LLMServer):  # type: ignore[misc]
             "warm_up_s": round(warm_s, 1),
         }
         logger.info("variant %s ready: %s", variant, self.facts)
+        # The rollout controller leaves this variant's latency samples of the next seconds out of its checks
+        # (serving.rollout.signals.ReplicaStarted). Beside the start, never in its way; kept from the GC.
+        started_signal = ReplicaStarted(variant, replica_name(), time.time())
+        self.announcing = asyncio.get_running_loop().create_task(announce_started(started_signal))
 
     async def generate_one_token(self) -> float:
         """Runs a real one-token generation through the engine; returns its seconds, raises `NotWarm`."""
@@ -129,6 +136,16 @@ class VariantServer(LLMServer):  # type: ignore[misc]
     async def describe(self) -> dict[str, Any]:
         """What this replica serves: precision, activation dtype and why, kernels, start-up seconds."""
         return self.facts
+
+
+def replica_name() -> str:
+    """Serve's id of this replica, for the rollout status a person reads."""
+    try:
+        from ray import serve
+
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # outside a Serve replica
+        return f"pid-{os.getpid()}"
 
 
 def engine_class(default: type) -> type | None:

@@ -16,7 +16,7 @@ import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import ray
@@ -26,7 +26,14 @@ from serving.config import Config, ProgressionConfig, TierConfig
 from serving.metrics import ActorExport, ControllerMetrics
 from serving.rollout import checks, signals, store
 from serving.rollout.phases import Event, Phase, next_phase
-from serving.rollout.signals import ComparisonSignal, FeedbackSignal, RequestSignal, Signal, Snapshot
+from serving.rollout.signals import (
+    ComparisonSignal,
+    FeedbackSignal,
+    ReplicaStarted,
+    RequestSignal,
+    Signal,
+    Snapshot,
+)
 
 logger = logging.getLogger("serving.rollout")
 
@@ -66,6 +73,11 @@ class TierStatus(BaseModel):
     next_step: dict[str, float] | None = Field(description="a progression's next weight and its earliest time")
     paused: dict[str, Any] | None = Field(description="who paused the tier, and when")
     checks: list[dict[str, Any]] = Field(description="the last judgement: each check's value, threshold, samples")
+    left_out: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="replica starts of the tier's variants in the last judgement, each with how many latency "
+        "samples of its first seconds were left out of the latency checks",
+    )
     history: list[dict[str, Any]] = Field(description="rollbacks, steps, promotions and operator actions")
 
 
@@ -86,6 +98,21 @@ def next_weight(progression: ProgressionConfig, before: float) -> float:
 def step_due_at(record: dict[str, Any], progression: ProgressionConfig) -> float:
     """The earliest time of a tier's next step: a whole interval after its last (or its judging's start)."""
     return float(record.get("step_at", record.get("since", 0.0))) + progression.interval_s
+
+
+@dataclass
+class WarmUp:
+    """A replica's first seconds: its variant's latency samples received from `start` to `until` are left
+    out of the latency checks. Every sample of the variant, not only the new replica's (no router knows which
+    replica answered): with several replicas that leaves out some warm ones too, fewer samples, never a
+    false trip. From the earlier of the replica's clock and the controller's receipt to the later plus
+    `warmup_exclusion_s`: a skewed clock or a late delivery only widens it."""
+
+    variant: str
+    replica: str
+    start: float
+    until: float
+    samples: int = 0  # left out by the last judgement
 
 
 def tier_hash(tier: TierConfig) -> str:
@@ -118,6 +145,7 @@ class Rollout:
         # the state, so buckets and feedback ids survive restarts.
         self.state.setdefault("secret", secrets.token_hex(32))
         self.latest: dict[str, list[dict[str, Any]]] = {}
+        self.left_out: dict[str, list[dict[str, Any]]] = {}  # the last judgement's warm-ups, per tier
         self.votes: OrderedDict[str, float] = OrderedDict()  # response id -> when its vote was taken
         self.batches: OrderedDict[str, None] = OrderedDict()  # signal batches taken (serving.rollout.follower)
         self.window_saved_at = self.clock()
@@ -276,11 +304,31 @@ class Rollout:
         self.window_saved_at = now
         return True
 
-    def window(self, name: str, tier: TierConfig, since: float) -> checks.Window:
+    def replica_started(self, signal: ReplicaStarted) -> None:
+        """An engine replica's start, kept in the window (and saved with it) like any signal."""
+        logger.info("replica %s of %s started at %.3f", signal.replica, signal.variant, signal.started_at)
+        self.report([signal])
+
+    def warm_ups(self, tier: TierConfig, since: float) -> list[WarmUp]:
+        """The replica starts of a tier's variants whose first seconds reach into what is judged."""
+        exclusion = self.config.rollback.warmup_exclusion_s
+        found = []
+        for at, event in self.events:
+            if isinstance(event, ReplicaStarted) and event.variant in (tier.baseline, tier.candidate):
+                start, until = min(at, event.started_at), max(at, event.started_at) + exclusion
+                if exclusion > 0 and until >= since:
+                    found.append(WarmUp(event.variant, event.replica, start, until))
+        return found
+
+    def window(self, name: str, tier: TierConfig, since: float, warm_ups: list[WarmUp] | None = None) -> checks.Window:
+        """What the tier's checks judge; counts into `warm_ups` (computed here if not given) the latency
+        samples it left out."""
         w = checks.Window()
         voted: set[str] = set()
+        if warm_ups is None:
+            warm_ups = self.warm_ups(tier, since)
         for at, event in self.events:
-            if at < since or event.tier != name:
+            if at < since or isinstance(event, ReplicaStarted) or event.tier != name:
                 continue
             if isinstance(event, RequestSignal):
                 if event.variant == tier.candidate:
@@ -291,6 +339,10 @@ class Rollout:
                     w.baseline_requests += 1
                     ttfts, tpots = w.baseline_ttfts, w.baseline_tpots
                 else:
+                    continue
+                warming = next((u for u in warm_ups if u.variant == event.variant and u.start <= at <= u.until), None)
+                if warming is not None:  # its errors count; its latency may be a cold replica's
+                    warming.samples += event.ok and (event.ttft_s is not None or event.tpot_s is not None)
                     continue
                 if event.ok and event.ttft_s is not None:
                     ttfts.append(event.ttft_s)
@@ -340,8 +392,11 @@ class Rollout:
             record = self.state["tiers"][name]
             if tier.candidate is None or Phase(record["phase"]) not in (Phase.PROGRESSING, Phase.PROMOTED):
                 continue
-            verdicts = checks.evaluate(self.window(name, tier, record.get("since", 0.0)), thresholds)
+            since = record.get("since", 0.0)
+            warm_ups = self.warm_ups(tier, since)
+            verdicts = checks.evaluate(self.window(name, tier, since, warm_ups), thresholds)
             self.latest[name] = [asdict(v) for v in verdicts]
+            self.left_out[name] = [asdict(u) for u in warm_ups]
             failed = [v for v in verdicts if v.failed]
             if failed:
                 self.roll_back(name, tier, failed)
@@ -366,12 +421,13 @@ class Rollout:
         state = copy.deepcopy(self.state)
         changed = state["tiers"][name]
         after = next_weight(tier.progression, before)
-        if before >= tier.progression.max_weight:
+        # Reaching 100 promotes, whether by the step past max_weight or by a step that lands on 100
+        # (max_weight: 100): one event, one count, never a "promoted" step that leaves it progressing.
+        kind = "promoted" if after >= 100.0 else "step"
+        if kind == "promoted":
             changed["phase"] = next_phase(Phase.PROGRESSING, Event.FULLY_PROMOTED)
-        else:
-            changed["live_weight"] = after
+        changed["live_weight"] = after
         changed["step_at"] = now
-        kind = "promoted" if after == 100.0 else "step"
         event = {"at": now, "kind": kind, "by": "controller", "candidate": tier.candidate}
         changed["history"] = [*changed.get("history", []), {**event, "weight_before": before, "weight_after": after}]
         changed["history"] = changed["history"][-MAX_HISTORY:]
@@ -436,12 +492,14 @@ class Rollout:
     def roll_back(self, name: str, tier: TierConfig, failed: list[checks.Verdict]) -> None:
         state = copy.deepcopy(self.state)
         record = state["tiers"][name]
-        record["phase"] = next_phase(Phase(record["phase"]), Event.CHECK_FAILED)
+        phase_before = Phase(record["phase"])
+        record["phase"] = next_phase(phase_before, Event.CHECK_FAILED)
         tripped_at = self.clock()
         event = {
             "at": tripped_at,
             "kind": "rollback",
             "by": "controller",
+            "phase_before": str(phase_before),  # progressing (at any step of a progression) or promoted
             "tier": name,
             "candidate": tier.candidate,
             "baseline": tier.baseline,
@@ -495,6 +553,7 @@ class Rollout:
                     next_step=self.next_step(name, tier),
                     paused=self.state["tiers"][name].get("paused"),
                     checks=self.latest.get(name, []),
+                    left_out=self.left_out.get(name, []),
                     history=self.state["tiers"][name].get("history", []),
                 )
                 for name, tier in self.config.tiers.items()
@@ -554,6 +613,9 @@ class RolloutController:
     async def take_vote(self, response_id: str) -> bool:
         return self.rollout.take_vote(response_id)
 
+    async def replica_started(self, signal: ReplicaStarted) -> None:
+        self.rollout.replica_started(signal)
+
     async def apply(self, config_json: str) -> int:
         return self.rollout.apply(Config.model_validate_json(config_json))
 
@@ -578,3 +640,31 @@ def controller(config_json: str | None = None, *, recover: bool = False) -> Any:
         max_restarts=-1,
         max_task_retries=3,
     ).remote(config_json, recover)
+
+
+async def announce_started(
+    signal: ReplicaStarted,
+    lookup: Callable[[], Any] = controller,
+    *,
+    tries: int = 60,
+    pause_s: float = 2.0,
+    timeout_s: float = 10.0,
+) -> bool:
+    """Tells the rollout controller that an engine replica started. Best effort, run beside the replica (never
+    in its way): tried again while there is no controller yet (on a first deploy the engines may be ready before
+    a router creates it), then given up with a warning; the checks' confidence bounds are the fallback."""
+
+    async def deliver() -> None:
+        handle = await asyncio.to_thread(lookup)  # Ray's actor lookup blocks
+        await handle.replica_started.remote(signal)
+
+    last: Exception | None = None
+    for _ in range(tries):
+        try:
+            await asyncio.wait_for(deliver(), timeout_s)
+            return True
+        except Exception as exc:  # not there yet, restarting, or a timeout: try again
+            last = exc
+        await asyncio.sleep(pause_s)
+    logger.warning("could not tell the rollout controller that %s started: %r", signal.replica, last)
+    return False

@@ -2,7 +2,8 @@
 controller that reads them, and the `Snapshot` the controller answers each router's sync with. They cross
 a Ray call (pickled), so a record's fields are its contract; `VERSION` changes whenever a field does, and
 the controller counts records of another version as dropped instead of misreading them (routers and
-controller may briefly run different code in a redeploy).
+controller may briefly run different code in a redeploy). A new record type needs no new VERSION: a
+controller without it cannot unpickle the call that carries it, and its senders treat delivery as best effort.
 """
 
 from __future__ import annotations
@@ -52,7 +53,20 @@ class FeedbackSignal:
     version: int = VERSION
 
 
-Signal = RequestSignal | ComparisonSignal | FeedbackSignal
+@dataclass(frozen=True, slots=True)
+class ReplicaStarted:
+    """An engine replica of `variant` is ready (warmed up) and takes traffic from `started_at` (unix time,
+    the replica's clock). Sent by the replica itself (serving.engine), not by a router: no router knows
+    which replica answered a request, so the controller leaves the variant's latency samples of the next
+    `rollback.warmup_exclusion_s` out of the latency checks."""
+
+    variant: str
+    replica: str  # Serve's replica id, for the status a person reads
+    started_at: float
+    version: int = VERSION
+
+
+Signal = RequestSignal | ComparisonSignal | FeedbackSignal | ReplicaStarted
 
 
 class Snapshot(BaseModel):
@@ -68,8 +82,8 @@ class Snapshot(BaseModel):
     fail_safe: str | None = Field(None, description="why every candidate is held at 0, when the state was damaged")
 
 
-TYPES: dict[str, type[RequestSignal] | type[ComparisonSignal] | type[FeedbackSignal]] = {
-    cls.__name__: cls for cls in (RequestSignal, ComparisonSignal, FeedbackSignal)
+TYPES: dict[str, type[Signal]] = {
+    cls.__name__: cls for cls in (RequestSignal, ComparisonSignal, FeedbackSignal, ReplicaStarted)
 }
 
 

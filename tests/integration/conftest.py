@@ -19,7 +19,7 @@ import openai
 import pytest
 import yaml
 
-from serving.config import Config, EscalationConfig, KeyConfig, hash_key, load_config
+from serving.config import Config, EscalationConfig, KeyConfig, ProgressionConfig, hash_key, load_config
 from tests.polling import poll_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,10 +47,11 @@ def write_config(
     shadow_rate: float = 0.2,
     rollback: bool = False,
     standard_escalation: float | None = None,
+    batch_progression: ProgressionConfig | None = None,
 ) -> None:
     """The tiny demo config (deploy/tiny.yaml), changed through the config model: pointed at the test's family,
     ports and state file, with the given weights, shadow rate (both shadowed tiers), rollback switch and the
-    standard tier's escalation threshold (None: no escalation), plus
+    standard tier's escalation threshold (None: no escalation), the batch tier's progression (None: none), plus
     one premium key that may override, and ROUTER_REPLICAS router replicas. Automatic rollback is off unless a
     test turns it on: the other tests need the awq candidate to keep serving. The defaults are the stack's
     starting config: a test that applies other settings applies `write_config`'s defaults again when done."""
@@ -69,6 +70,8 @@ def write_config(
             changes["shadow"] = tier.shadow.model_copy(update={"rate": shadow_rate})
         if name == "standard" and standard_escalation is not None:
             changes["escalation"] = EscalationConfig(min_mean_logprob=standard_escalation)
+        if name == "batch" and batch_progression is not None:
+            changes["progression"] = batch_progression
         tiers[name] = tier.model_copy(update=changes)
     premium_admin = KeyConfig(sha256=hash_key("test-premium-admin"), tenant="t", tier="premium", may_override=True)
     config = demo.model_copy(
@@ -89,7 +92,7 @@ def write_config(
     path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_none=True), sort_keys=False))
 
 
-def apply_config(stack: Stack, **settings: float | bool | None) -> subprocess.CompletedProcess[str]:
+def apply_config(stack: Stack, **settings: object) -> subprocess.CompletedProcess[str]:
     """Writes the config file with these settings (`write_config`'s defaults for the rest), applies it with the
     documented command, and waits until the router runs it."""
     write_config(stack.config, stack.family, **settings)  # type: ignore[arg-type]

@@ -1,9 +1,10 @@
 """Automatic rollback on the real stack, under mixed traffic on every tier, with the rollout controller
 killed once and the fp16 engine replica killed once in between (both through Ray's API, by handle): the
-awq candidate of the batch tier trips on its quality signals and rolls back by itself, the int8 candidate
-of the standard tier never does; the rollback reaches every router, is counted once and survives router
-and controller restarts. One run of traffic (the module's `judged` fixture) feeds the tests after it,
-one behaviour each; they run in file order, and the last ones restore the demo config."""
+awq candidate of the batch tier, in a progression, trips on its quality signals and rolls back by itself
+mid-progression, the int8 candidate of the standard tier never does, and the restarted fp16 replica's
+first seconds are left out of the latency checks; the rollback reaches every router, is counted once and
+survives router and controller restarts. One run of traffic (the module's `judged` fixture) feeds the tests
+after it, one behaviour each; they run in file order, and the last ones restore the demo config."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,12 +25,18 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from serving.config import ProgressionConfig
+from tests.chaos import kill_controller, kill_replica, replicas
 from tests.integration.conftest import BASE, METRICS_URL, Stack, apply_config, served_variants
 from tests.polling import poll_until
 
 pytestmark = pytest.mark.integration
 
 ADMIN = {"authorization": "Bearer demo-admin"}
+# awq on batch steps up while its checks pass, slowly enough that its quality signals roll it back long
+# before a promotion (5 passing intervals, 100 s), at whatever step it has reached.
+BATCH_PROGRESSION = ProgressionConfig(step_weight=10.0, max_weight=90.5, interval_s=20.0)
+JUDGED = {"shadow_rate": 1.0, "rollback": True, "batch_weight": 50.5, "standard_weight": 50.5}
 
 
 def rollout() -> dict[str, Any]:
@@ -69,42 +77,6 @@ def wait_until(condition: Callable[[], Any], timeout_s: float, what: str) -> Any
 def check(status: dict[str, Any], tier: str, name: str) -> dict[str, Any]:
     found: dict[str, Any] = next(c for c in status["tiers"][tier]["checks"] if c["check"] == name)
     return found
-
-
-def replicas(deployment: str) -> set[tuple[str, str]]:
-    """The live replicas of a Serve deployment of the stack's application, as (namespace, actor name):
-    from Ray's named-actor registry (the state API needs the dashboard, which the stack does not run).
-    Serve names a replica `SERVE_REPLICA::app#deployment#id`; Ray Serve LLM prefixes an engine's
-    deployment name with its class (`VariantServer:variant-fp16`)."""
-    import ray
-
-    found = set()
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        app, _, rest = actor["name"].removeprefix("SERVE_REPLICA::").partition("#")
-        name = rest.rpartition("#")[0]
-        if actor["name"].startswith("SERVE_REPLICA::") and app == "serving" and name.split(":")[-1] == deployment:
-            found.add((actor["namespace"], actor["name"]))
-    return found
-
-
-def kill_replica(deployment: str) -> None:
-    """Kills one replica of a deployment through Ray's API (by its actor handle, never by process name);
-    Serve starts a new one."""
-    import ray
-
-    found = sorted(replicas(deployment))
-    assert found, f"no replica of {deployment}: {ray.util.list_named_actors(all_namespaces=True)}"
-    namespace, name = found[0]
-    ray.kill(ray.get_actor(name, namespace=namespace), no_restart=False)
-
-
-def kill_controller() -> None:
-    """Kills the rollout controller actor; Ray restarts it (max_restarts=-1), from its state file."""
-    import ray
-
-    from serving.rollout.controller import controller
-
-    ray.kill(controller(), no_restart=False)
 
 
 @dataclass
@@ -174,6 +146,7 @@ def saved_comparisons(stack: Stack, tier: str, candidate: str) -> int:
 @dataclass
 class Judged:
     status: dict[str, Any]  # when awq was rolled back and int8 judged
+    fp16_killed_at: float
     saved: int  # int8's comparisons saved in the window when the controller was killed
     resumed: int  # those its restarted run judged first
     outcomes: Counter[int]
@@ -193,7 +166,7 @@ def ray_driver() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def judged(stack: Stack, ray_driver: None) -> Judged:
     # A changed tier config starts a fresh judgement of both candidates, with rollback on.
-    assert apply_config(stack, shadow_rate=1.0, rollback=True, batch_weight=50.5, standard_weight=50.5).returncode == 0
+    assert apply_config(stack, **JUDGED, batch_progression=BATCH_PROGRESSION).returncode == 0
     with traffic() as running:
         wait_until(lambda: check(rollout(), "standard", "score_drift")["samples"] >= 10, 300, "10 int8 comparisons")
         # The controller is killed with its window saved: traffic holds until the save has every comparison
@@ -215,28 +188,51 @@ def judged(stack: Stack, ray_driver: None) -> Judged:
             "a judgement by the restarted controller",
         )
         running.paused.clear()
+        fp16_killed_at = time.time()
         kill_replica("variant-fp16")  # the baseline of premium and standard, and the shadows' target
         status = wait_until(
             lambda: (
                 (s := rollout())["tiers"]["batch"]["phase"] == "rolled_back"
                 and check(s, "standard", "score_drift")["value"] is not None
                 and httpx.get(f"{BASE}/ready", timeout=30).status_code == 200
+                and fp16_warm_ups(s, fp16_killed_at)
+                and fp16_warm_ups(s, fp16_killed_at)[0]["samples"] > 0
                 and s
             ),
             420,
-            "awq rolled back, int8 judged and every engine back",
+            "awq rolled back, int8 judged, every engine back and the new fp16 replica's first answers left out",
         )
-    return Judged(status, saved, resumed, running.outcomes)
+    return Judged(status, fp16_killed_at, saved, resumed, running.outcomes)
 
 
-def test_awq_on_batch_rolls_back_by_itself_on_its_quality_signals(judged: Judged) -> None:
+def fp16_warm_ups(status: dict[str, Any], after: float) -> list[dict[str, Any]]:
+    """The starts of fp16 replicas after `after` that the controller's last judgement of standard saw."""
+    return [u for u in status["tiers"]["standard"]["left_out"] if u["variant"] == "fp16" and u["start"] >= after]
+
+
+def test_awq_on_batch_rolls_back_by_itself_mid_progression_on_its_quality_signals(judged: Judged) -> None:
     batch = judged.status["tiers"]["batch"]
     assert batch["phase"] == "rolled_back", batch
     assert batch["live_weight"] == 0.0
+    assert batch["progression"] == BATCH_PROGRESSION.model_dump()
     event = batch["history"][-1]
     assert (event["kind"], event["candidate"], event["by"]) == ("rollback", "awq", "controller")
+    assert event["phase_before"] == "progressing"  # progressing -> rolled_back, at whatever step it was
+    steps = [e for e in batch["history"] if e["kind"] == "step" and e["at"] >= event["since"]]
+    assert event["weight_before"] == (steps[-1]["weight_after"] if steps else 50.5)
+    print(f"awq rolled back at {event['weight_before']:g}% after {len(steps)} steps: {event['reasons']}")
     assert "score_drift" in event["reasons"]
     assert event["values"]["score_drift"] > event["thresholds"]["score_drift"]
+
+
+def test_the_restarted_fp16_replica_is_left_out_of_the_latency_checks(judged: Judged) -> None:
+    """The killed replica's successor told the controller it started; its variant's latency samples of the
+    next `warmup_exclusion_s` were left out of standard's checks (fp16 is its baseline)."""
+    warm_ups = fp16_warm_ups(judged.status, judged.fp16_killed_at)
+    assert len(warm_ups) == 1, warm_ups
+    print(f"the new fp16 replica's first seconds: {warm_ups[0]}")
+    assert warm_ups[0]["samples"] > 0
+    assert warm_ups[0]["until"] - warm_ups[0]["start"] >= 30.0
 
 
 def test_int8_on_standard_is_judged_and_never_rolled_back(judged: Judged) -> None:
@@ -313,7 +309,7 @@ def test_a_controller_restart_does_not_bring_the_weight_back(judged: Judged) -> 
 
 
 def test_the_same_config_keeps_it_rolled_back_a_changed_one_reenables_it(stack: Stack, judged: Judged) -> None:
-    assert apply_config(stack, shadow_rate=1.0, rollback=True, batch_weight=50.5, standard_weight=50.5).returncode == 0
+    assert apply_config(stack, **JUDGED, batch_progression=BATCH_PROGRESSION).returncode == 0
     assert rollout()["tiers"]["batch"]["live_weight"] == 0.0
     assert apply_config(stack, batch_weight=50.0).returncode == 0  # also restores the demo config
     assert rollout()["tiers"]["batch"]["phase"] == "progressing"

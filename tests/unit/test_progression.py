@@ -77,6 +77,23 @@ def test_a_passing_candidate_steps_up_to_max_weight_then_is_promoted(tmp_path: P
     assert "int8 50% -> 100%" in table
 
 
+def test_a_step_that_reaches_100_promotes_at_once_one_event_one_count(tmp_path: Path) -> None:
+    """max_weight 100: the step that lands on 100 is the promotion. It used to be recorded and counted as a
+    promotion while the phase stayed progressing, and the next interval promoted (and counted) again."""
+    clock = Clock()
+    rollout = Rollout(config(tmp_path, weight=60.0, progression=STEPS.model_copy(update={"max_weight": 100.0})), clock)
+    for _ in range(4):
+        passing_interval(rollout, clock)
+    tier = rollout.status().tiers["standard"]
+    assert tier.phase == "promoted"
+    assert tier.live_weight == 100.0
+    assert [(e["kind"], e["weight_before"], e["weight_after"]) for e in tier.history] == [
+        ("step", 60.0, 80.0),
+        ("promoted", 80.0, 100.0),
+    ]
+    assert metric_sample(rollout.metrics, "ray_serving_promotions_total", {"tier": "standard"}) == 1
+
+
 def test_no_step_without_evidence(tmp_path: Path) -> None:
     clock = Clock()
     rollout = Rollout(config(tmp_path), clock)
@@ -95,7 +112,7 @@ def test_a_failing_check_rolls_back_mid_progression(tmp_path: Path) -> None:
     assert rollout.evaluate() == ["standard"]
     assert rollout.weights()["standard"] == 0.0
     event = rollout.status().tiers["standard"].history[-1]
-    assert (event["kind"], event["weight_before"]) == ("rollback", 30.0)
+    assert (event["kind"], event["phase_before"], event["weight_before"]) == ("rollback", "progressing", 30.0)
 
 
 def test_the_progression_survives_a_restart_and_a_reapply_changes_nothing(tmp_path: Path) -> None:
