@@ -206,6 +206,14 @@ class Feedback(BaseModel):
     label: str | None = Field(None, description="a free-form tag, logged with an overturned answer")
 
 
+class FeedbackRecorded(BaseModel):
+    """The answer to a feedback post that was recorded."""
+
+    response_id: str
+    variant: str = Field(description="the variant that wrote the answer")
+    recorded: bool
+
+
 def parse_feedback(body: dict[str, Any]) -> Feedback:
     try:
         return Feedback.model_validate(body)

@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
 
-from serving import attribution, escalation, routing
+from serving import attribution, escalation, openapi, routing
 from serving.admission import KeyQuotas, RateLimit, engine_busy, is_backpressure, token_cost
 from serving.auth import Principal, authenticate
 from serving.config import Config, variants_differ
@@ -28,6 +28,7 @@ from serving.limits import HeaderLimits
 from serving.load import EngineLoad
 from serving.metrics import Metrics
 from serving.protocol import (
+    FeedbackRecorded,
     answer_text,
     engine_error,
     may_need_parsing,
@@ -243,7 +244,8 @@ class RouterCore:
             logger.info(
                 "feedback: %s on %s (tier %s) overturned, label %r", response_id, answered.variant, answered.tier, label
             )
-        return JSONResponse({"response_id": response_id, "variant": answered.variant, "recorded": True})
+        recorded = FeedbackRecorded(response_id=response_id, variant=answered.variant, recorded=True)
+        return JSONResponse(recorded.model_dump())
 
 
 class Call:
@@ -461,6 +463,9 @@ def create_app(core_of: Callable[[], RouterCore], startup: list[Hook] | None = N
         yield
 
     app = FastAPI(title="precision-serving router", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # The handlers read their bodies themselves; the document declares them (serving.openapi).
+    documents = openapi.Cached()
+    app.openapi = lambda: documents.of(core_of().config)  # type: ignore[method-assign]
     app.add_middleware(HeaderLimits, limits_of=lambda: core_of().config.limits)
 
     @app.exception_handler(ServingError)
@@ -497,7 +502,7 @@ def create_app(core_of: Callable[[], RouterCore], startup: list[Hook] | None = N
         )
         return JSONResponse(ModelList(data=[card]).model_dump(mode="json", exclude_none=True))
 
-    @app.get("/admin/rollout")
+    @app.get("/admin/rollout", include_in_schema=False)  # not public: absent from the OpenAPI document
     async def admin_rollout(request: Request) -> JSONResponse:
         return await core_of().admin_rollout(request)
 

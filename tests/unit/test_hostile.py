@@ -283,3 +283,11 @@ async def test_a_malformed_feedback_body_is_a_400_naming_the_field(
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["param"] == param
     assert answer.json()["error"]["code"] == "invalid_parameter"
+
+
+@pytest.mark.parametrize("response_id", ["x.\u00e9\u00e9", "chatcmpl-\u00e9.\u00e9", "\u00e9"])
+async def test_a_response_id_with_non_ascii_characters_is_a_400(client: httpx.AsyncClient, response_id: str) -> None:
+    """Found by schemathesis: the signature check raised a TypeError on them (a 500)."""
+    answer = await client.post("/v1/feedback", json={"response_id": response_id, "overridden": True}, headers=PREMIUM)
+    assert answer.status_code == 400, answer.text
+    assert (answer.json()["error"]["param"], answer.json()["error"]["code"]) == ("response_id", "bad_id")
