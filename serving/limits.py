@@ -53,8 +53,9 @@ def check_prompt_length(limits: LimitsConfig, endpoint: Endpoint, body: dict[str
         )
 
 
-def enforce(limits: LimitsConfig, endpoint: Endpoint, request: EngineRequest) -> None:
-    """Raises `BadRequest` naming the first field over its limit; sets the default output length."""
+def enforce(limits: LimitsConfig, endpoint: Endpoint, request: EngineRequest, body: dict[str, Any]) -> None:
+    """Raises `BadRequest` naming the first field over its limit; sets the default output length when the
+    client's `body` asked for none."""
     for field, why in SERVER_ONLY.items():
         if field in request.model_fields_set and getattr(request, field, None) is not None:
             raise BadRequest(f"{field} may not be set by clients: {why}", param=field, code="field_not_allowed")
@@ -63,10 +64,14 @@ def enforce(limits: LimitsConfig, endpoint: Endpoint, request: EngineRequest) ->
     at_least(request.n, 1, "n")
     at_most(request.n or 1, limits.max_n, "n", code="n_too_large")
     lengths = ("max_tokens", "max_completion_tokens", "min_tokens")
+    # What the client asked for, read from its body: vLLM's validators fill in their own default (16 for
+    # completions, even over an explicit null), which is not the client's ask and not this server's default.
+    asked = {field for field in lengths if body.get(field) is not None}
     for field in lengths:
         at_least(getattr(request, field, None), 0 if field == "min_tokens" else 1, field)
-        at_most(getattr(request, field, None), limits.max_tokens, field, code="max_tokens")
-    if all(getattr(request, field, None) is None for field in lengths[:2]):
+        if field in asked:
+            at_most(getattr(request, field, None), limits.max_tokens, field, code="max_tokens")
+    if not asked & {"max_tokens", "max_completion_tokens"}:
         request.max_tokens = limits.default_max_tokens
     for field in ("logprobs", "top_logprobs", "prompt_logprobs"):
         value = getattr(request, field, None)

@@ -224,6 +224,7 @@ def bound_common(request: dict[str, Any], config: Config) -> None:
     bound(props, "n", 1, limits.max_n)
     for field in ("max_tokens", "max_completion_tokens"):
         bound(props, field, 1, limits.max_tokens)
+    props["max_tokens"]["default"] = limits.default_max_tokens  # when neither is set
     bound(props, "min_tokens", 0, limits.max_tokens)
     for field in ("logprobs", "top_logprobs", "prompt_logprobs"):
         bound(props, field, 0, limits.max_logprobs)
@@ -238,8 +239,21 @@ def bound_common(request: dict[str, Any], config: Config) -> None:
 
 def bound_chat(request: dict[str, Any], schemas: dict[str, Any], config: Config) -> None:
     bound_common(request, config)
-    request["properties"]["messages"]["minItems"] = 1
-    # vLLM's catch-all message type takes any role; the router takes the OpenAI API's only.
+    messages = request["properties"]["messages"]
+    messages["minItems"] = 1
+    # Every message needs a role (`serving.protocol.check_roles`), and vLLM's catch-all message type, which
+    # takes any role, takes the OpenAI API's only here.
+    kinds = []
+    for arm in arms(messages["items"]):
+        message = schemas[arm["$ref"].rsplit("/", 1)[-1]]
+        role = message.get("properties", {}).get("role")
+        if role is None:  # vLLM's harmony `Message` (its role under `author`): refused here, so not offered
+            continue
+        kinds.append(arm)
+        message["required"] = sorted({*message.get("required", []), "role"})
+        if "anyOf" in role:  # a nullable role: not null here
+            role["anyOf"] = [a for a in role["anyOf"] if a.get("type") != "null"]
+    messages["items"] = {"anyOf": kinds}
     custom = schemas.get("CustomChatCompletionMessageParam", {}).get("properties", {})
     if "role" in custom:
         custom["role"] = {"type": "string", "enum": sorted(ROLES)}
@@ -248,11 +262,16 @@ def bound_chat(request: dict[str, Any], schemas: dict[str, Any], config: Config)
 def bound_completion(request: dict[str, Any], config: Config) -> None:
     bound_common(request, config)
     prompt = request["properties"]["prompt"]
-    for arm in arms(prompt):
+    # A prompt is required and not empty (prompt_embeds, the alternative, is server-only).
+    prompt["anyOf"] = [arm for arm in arms(prompt) if arm.get("type") != "null"]
+    for arm in prompt["anyOf"]:
         if arm.get("type") == "string":
-            arm["maxLength"] = config.limits.max_prompt_chars
-        elif arm.get("type") == "array" and arm.get("items", {}).get("type") != "integer":
-            arm["maxItems"] = config.limits.max_prompts  # a batch of prompts; a list of token ids is one prompt
+            arm["minLength"], arm["maxLength"] = 1, config.limits.max_prompt_chars
+        elif arm.get("type") == "array":
+            arm["minItems"] = 1
+            if arm.get("items", {}).get("type") != "integer":  # a batch of prompts; token ids are one prompt
+                arm["maxItems"] = config.limits.max_prompts
+    prompt.pop("default", None)
     request["required"] = sorted({*request.get("required", []), "prompt"})
 
 

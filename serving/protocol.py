@@ -92,7 +92,7 @@ def read_request(endpoint: Endpoint, body: dict[str, Any], bounds: LimitsConfig)
     costs no parse), parsed, then every field that multiplies the engine's work bounded (`serving.limits`)."""
     limits.check_prompt_length(bounds, endpoint, body)
     parsed = parse_request(endpoint, body)
-    limits.enforce(bounds, endpoint, parsed)
+    limits.enforce(bounds, endpoint, parsed, body)
     return parsed
 
 

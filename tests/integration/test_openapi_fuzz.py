@@ -33,7 +33,12 @@ pytestmark = pytest.mark.integration
 KEY = {"authorization": "Bearer test-premium-admin"}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 # Examples per operation and generation mode; the probes take no input, one request each.
-EXAMPLES = {"POST /v1/chat/completions": 50, "POST /v1/completions": 50, "GET /v1/models": 10, "POST /v1/feedback": 25}
+EXAMPLES = {
+    "POST /v1/chat/completions": 100,
+    "POST /v1/completions": 100,
+    "GET /v1/models": 20,
+    "POST /v1/feedback": 50,
+}
 MAX_TOKENS = 4
 
 

@@ -89,6 +89,8 @@ def test_request_bodies_are_vllms_models_narrowed_to_this_servers_limits(
     assert batch["maxItems"] == limits.max_prompts
     feedback = body_schema(document, "/v1/feedback")
     assert set(feedback["required"]) == {"response_id", "overridden"}
+    for kind in chat["properties"]["messages"]["items"]["anyOf"]:  # a message without a role is refused
+        assert "role" in resolve(document, kind)["required"], kind
     roles = document["components"]["schemas"]["CustomChatCompletionMessageParam"]["properties"]["role"]["enum"]
     assert "wizard" not in roles
     assert "user" in roles
