@@ -36,21 +36,25 @@ SERVER_ONLY = {
 
 
 def prompt_chars(endpoint: Endpoint, body: dict[str, Any]) -> int:
-    """The prompt's length in characters, read from the raw body (a list prompt counts as its JSON)."""
+    """The prompt's length in characters, read from the raw body (a list prompt counts as its JSON, with
+    non-ASCII characters as themselves, not as 6-character escapes)."""
     if endpoint == "completions":
         prompt = body.get("prompt")
-        return len(prompt) if isinstance(prompt, str) else len(json.dumps(prompt))
+        return len(prompt) if isinstance(prompt, str) else len(json.dumps(prompt, ensure_ascii=False))
     messages = body.get("messages")
-    return len(json.dumps(messages)) if messages is not None else 0
+    return len(json.dumps(messages, ensure_ascii=False)) if messages is not None else 0
 
 
-def check_prompt_length(limits: LimitsConfig, endpoint: Endpoint, body: dict[str, Any]) -> None:
-    if prompt_chars(endpoint, body) > limits.max_prompt_chars:
+def check_prompt_length(limits: LimitsConfig, endpoint: Endpoint, body: dict[str, Any]) -> int:
+    """Returns the prompt's length, measured once: the token quota reuses it (`admission.token_cost`)."""
+    chars = prompt_chars(endpoint, body)
+    if chars > limits.max_prompt_chars:
         raise BadRequest(
             f"the prompt is longer than {limits.max_prompt_chars} characters",
             param="messages" if endpoint == "chat" else "prompt",
             code="prompt_too_long",
         )
+    return chars
 
 
 def enforce(limits: LimitsConfig, endpoint: Endpoint, request: EngineRequest, body: dict[str, Any]) -> None:

@@ -169,10 +169,13 @@ class RouterCore:
                     param="model",
                     code="model_not_found",
                 )
-            parsed = read_request(endpoint, body, config.limits)
+            incoming = read_request(endpoint, body, config.limits)
+            parsed = incoming.request
             sticky = str(parsed.user or request.headers.get("x-user-id") or principal.key_id)
             override = request.headers.get("x-variant")
-            response = await self.serve(config, principal, endpoint, parsed, sticky, override, span)
+            response = await self.serve(
+                config, principal, endpoint, parsed, sticky, override, span, prompt_chars=incoming.prompt_chars
+            )
             response.headers["x-trace-id"] = trace_id_hex(span)
             return response
 
@@ -185,12 +188,15 @@ class RouterCore:
         sticky: str,
         override: str | None,
         span: trace.Span,
+        *,
+        prompt_chars: int | None = None,
     ) -> Response:
-        """Routes a parsed, bounded request of an authenticated principal to a variant, and answers."""
+        """Routes a parsed, bounded request of an authenticated principal to a variant, and answers.
+        `prompt_chars`: the prompt's length as measured on the raw body, for the token quota."""
         tier = config.tiers[principal.tier]
         if override is not None and not principal.may_override:
             raise Forbidden("this API key may not pin a variant (x-variant)", param="x-variant", code="override_denied")
-        self.quotas.admit(principal.key_id, token_cost(endpoint, parsed))
+        self.quotas.admit(principal.key_id, token_cost(endpoint, parsed, prompt_chars))
         with self.tracer.start_as_current_span("route") as route_span:
             decision = routing.decide(
                 principal.tier,
