@@ -34,16 +34,23 @@ KEY = {"authorization": "Bearer test-premium-admin"}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 # Examples per operation and generation mode; the probes take no input, one request each.
 EXAMPLES = {
-    "POST /v1/chat/completions": 100,
-    "POST /v1/completions": 100,
+    "POST /v1/chat/completions": 200,
+    "POST /v1/completions": 200,
     "GET /v1/models": 20,
-    "POST /v1/feedback": 50,
+    "POST /v1/feedback": 60,
 }
 MAX_TOKENS = 4
 
 
-def fuzz(operation: Any, mode: schemathesis.GenerationMode, statuses: Counter[str], failures: dict[str, str]) -> None:
-    """Sends `EXAMPLES` generated requests for one operation, counting statuses and keeping each distinct failure."""
+def fuzz(
+    operation: Any,
+    mode: schemathesis.GenerationMode,
+    statuses: Counter[str],
+    codes: Counter[str],
+    failures: dict[str, str],
+) -> None:
+    """Sends `EXAMPLES` generated requests for one operation, counting statuses and error codes, and keeping
+    each distinct failure."""
 
     @given(case=operation.as_strategy(generation_mode=mode))
     @settings(
@@ -61,6 +68,8 @@ def fuzz(operation: Any, mode: schemathesis.GenerationMode, statuses: Counter[st
             failures.setdefault(str(exc).splitlines()[0], str(exc)[:3000])
             return
         statuses[f"{operation.label} {answer.status_code}"] += 1
+        if answer.status_code >= 400:
+            codes[f"{answer.status_code} {answer.json().get('error', {}).get('code')}"] += 1
 
     send()
 
@@ -71,20 +80,22 @@ def test_schemathesis_finds_no_5xx_and_every_answer_matches_the_document(stack: 
         document = httpx.get(f"{BASE}/openapi.json", timeout=30).json()
         schema = schemathesis.openapi.from_dict(document)
         statuses: Counter[str] = Counter()
+        codes: Counter[str] = Counter()
         failures: dict[str, str] = {}
         started = time.monotonic()
         for found in schema.get_all_operations():
             assert isinstance(found, Ok), found  # the document itself is valid OpenAPI
             operation = found.ok()
             assert operation.label in EXAMPLES or operation.path in ("/health", "/ready"), operation.label
-            fuzz(operation, schemathesis.GenerationMode.POSITIVE, statuses, failures)
+            fuzz(operation, schemathesis.GenerationMode.POSITIVE, statuses, codes, failures)
             if operation.label in EXAMPLES:  # the probes have no input to break
-                fuzz(operation, schemathesis.GenerationMode.NEGATIVE, statuses, failures)
+                fuzz(operation, schemathesis.GenerationMode.NEGATIVE, statuses, codes, failures)
         took = time.monotonic() - started
     finally:
         assert apply_config(stack).returncode == 0  # the stack's starting config again
     sent = sum(statuses.values())
     print(f"schemathesis: {sent} requests in {took:.0f} s: {dict(sorted(statuses.items()))}")
+    print(f"schemathesis: error codes: {dict(codes.most_common())}")
     record(
         f"schemathesis: requests generated from the OpenAPI document ({sent} in {took:.0f} s)",
         [key.rsplit(" ", 1)[-1] for key, count in statuses.items() for _ in range(count)],
