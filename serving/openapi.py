@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
+from serving import __version__
 from serving.config import Config, LimitsConfig
 from serving.limits import SERVER_ONLY
 from serving.protocol import ROLES, Feedback, FeedbackRecorded
@@ -132,10 +133,14 @@ def document(config: Config) -> dict[str, Any]:
     bound_completion(schemas[name(CompletionRequest, "validation")], config)
 
     def errors(statuses: dict[int, str]) -> dict[str, Any]:
-        return {
+        declared = {
             str(status): {"description": why, "content": json_body(ref(ErrorBody))}
             for status, why in sorted(statuses.items())
         }
+        for status, required in ((429, True), (503, False)):  # 503 says when to retry when an engine is full
+            if status in statuses:
+                declared[str(status)]["headers"] = {"retry-after": header("seconds to wait", required, "integer")}
+        return declared
 
     def completion(summary: str, request: type[BaseModel], response: type[BaseModel]) -> dict[str, Any]:
         return {
@@ -150,6 +155,10 @@ def document(config: Config) -> dict[str, Any]:
                 "responses": {
                     "200": {
                         "description": "the answer; with `stream: true`, server-sent events ending in `data: [DONE]`",
+                        "headers": {
+                            "x-served-variant": header("the variant that answered", True),
+                            "x-trace-id": header("the request's OpenTelemetry trace id", True),
+                        },
                         "content": {
                             "application/json": {"schema": ref(response)},
                             "text/event-stream": {"schema": SSE_EVENT},
@@ -166,7 +175,7 @@ def document(config: Config) -> dict[str, Any]:
 
     return {
         "openapi": "3.1.0",
-        "info": {"title": "precision-serving router", "version": str(config.model)},
+        "info": {"title": "precision-serving router", "version": __version__},
         "paths": {
             "/v1/chat/completions": completion("a chat completion", ChatCompletionRequest, ChatCompletionResponse),
             "/v1/completions": completion("a text completion", CompletionRequest, CompletionResponse),
@@ -207,6 +216,10 @@ def document(config: Config) -> dict[str, Any]:
         },
         "components": {"schemas": schemas, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
     }
+
+
+def header(description: str, required: bool, kind: str = "string") -> dict[str, Any]:
+    return {"description": description, "required": required, "schema": {"type": kind}}
 
 
 def json_body(schema: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """schemathesis against the running router's own OpenAPI document (GET /openapi.json, `serving/openapi.py`):
 requests generated from the schema, valid ones (positive) and ones that break it (negative), sent through
 Ray Serve's proxy to two router replicas and real vLLM engines. Every answer must be no 5xx, carry a
-status the document declares, with a declared content type and a body that matches its schema.
+status the document declares, with a declared content type, a body that matches its schema and the
+headers it declares (x-served-variant, Retry-After on a 429).
 
 The stack's limits are lowered for the run (max_tokens 4) and the document says so: the generated requests
 stay within them, so every accepted one costs the CPU engines a few tokens at most."""
@@ -20,6 +21,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.core.result import Ok
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
+    response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
 )
@@ -31,7 +33,13 @@ pytestmark = pytest.mark.integration
 
 # The stack's own key that may pin a variant: x-variant is fuzzed too (fp16/int8 served, awq forbidden, others 404).
 KEY = {"authorization": "Bearer test-premium-admin"}
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    response_headers_conformance,
+]
 # Examples per operation and generation mode; the probes take no input, one request each.
 EXAMPLES = {
     "POST /v1/chat/completions": 200,

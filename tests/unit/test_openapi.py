@@ -139,3 +139,10 @@ async def test_the_document_follows_an_applied_config(core: RouterCore) -> None:
         for d in (before, after)
     ]
     assert [n.get("maximum") for n in n_of] == [was, was - 1]
+
+
+def test_the_headers_a_client_reads_are_declared(document: dict[str, Any]) -> None:
+    responses = document["paths"]["/v1/completions"]["post"]["responses"]
+    assert responses["200"]["headers"]["x-served-variant"]["required"] is True
+    assert responses["429"]["headers"]["retry-after"]["required"] is True
+    assert responses["503"]["headers"]["retry-after"]["required"] is False  # only when an engine is full
