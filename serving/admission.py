@@ -43,17 +43,22 @@ class RateLimit:
         return 0.0
 
 
-def token_cost(endpoint: Endpoint, request: EngineRequest) -> int:
-    """What a request may cost in tokens, known before it runs: its prompt, estimated, plus its output's
-    upper bound for every choice. Charged whole at admission (the answer may be shorter)."""
-    if endpoint == "completions":
-        prompt: Any = request.prompt
-        if isinstance(prompt, list) and prompt and all(isinstance(x, int) for x in prompt):
-            prompt_tokens = len(prompt)  # token ids: counted exactly
-        else:
-            prompt_tokens = math.ceil(len(prompt if isinstance(prompt, str) else json.dumps(prompt)) / CHARS_PER_TOKEN)
+def token_cost(endpoint: Endpoint, request: EngineRequest, prompt_chars: int | None = None) -> int:
+    """What a request may cost in tokens, known before it runs: its prompt, estimated from its length in
+    characters (`prompt_chars`, as the router measured it on the raw body; measured here when not given),
+    plus its output's upper bound for every choice. Charged whole at admission (the answer may be shorter)."""
+    prompt: Any = request.prompt if endpoint == "completions" else None
+    if isinstance(prompt, list) and prompt and all(isinstance(x, int) for x in prompt):
+        prompt_tokens = len(prompt)  # token ids: counted exactly
     else:
-        prompt_tokens = math.ceil(len(json.dumps(request.messages, default=str)) / CHARS_PER_TOKEN)
+        if prompt_chars is None and isinstance(prompt, str):
+            prompt_chars = len(prompt)
+        elif prompt_chars is None:
+            text = json.dumps(
+                prompt if endpoint == "completions" else request.messages, default=str, ensure_ascii=False
+            )
+            prompt_chars = len(text)
+        prompt_tokens = math.ceil(prompt_chars / CHARS_PER_TOKEN)
     output = getattr(request, "max_completion_tokens", None) or request.max_tokens or 0
     return prompt_tokens + output * (request.n or 1)
 

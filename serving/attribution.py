@@ -59,8 +59,11 @@ def verify(keys: list[bytes], response_id: str, max_age_s: float, now: float | N
     for prefix in RESPONSE_PREFIXES:
         request_id = request_id.removeprefix(prefix)
     payload, _, signature = request_id.partition(".")
+    # Compared as bytes: compare_digest refuses str with non-ASCII characters (a TypeError, not a mismatch).
     if not any(
-        hmac.compare_digest(signature, b64(hmac.digest(key, payload.encode(), hashlib.sha256))[:SIGNATURE_CHARS])
+        hmac.compare_digest(
+            signature.encode(), b64(hmac.digest(key, payload.encode(), hashlib.sha256))[:SIGNATURE_CHARS].encode()
+        )
         for key in keys
     ):
         raise BadRequest("response_id is not the id of a response from this server", param="response_id", code="bad_id")

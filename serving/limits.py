@@ -36,25 +36,30 @@ SERVER_ONLY = {
 
 
 def prompt_chars(endpoint: Endpoint, body: dict[str, Any]) -> int:
-    """The prompt's length in characters, read from the raw body (a list prompt counts as its JSON)."""
+    """The prompt's length in characters, read from the raw body (a list prompt counts as its JSON, with
+    non-ASCII characters as themselves, not as 6-character escapes)."""
     if endpoint == "completions":
         prompt = body.get("prompt")
-        return len(prompt) if isinstance(prompt, str) else len(json.dumps(prompt))
+        return len(prompt) if isinstance(prompt, str) else len(json.dumps(prompt, ensure_ascii=False))
     messages = body.get("messages")
-    return len(json.dumps(messages)) if messages is not None else 0
+    return len(json.dumps(messages, ensure_ascii=False)) if messages is not None else 0
 
 
-def check_prompt_length(limits: LimitsConfig, endpoint: Endpoint, body: dict[str, Any]) -> None:
-    if prompt_chars(endpoint, body) > limits.max_prompt_chars:
+def check_prompt_length(limits: LimitsConfig, endpoint: Endpoint, body: dict[str, Any]) -> int:
+    """Returns the prompt's length, measured once: the token quota reuses it (`admission.token_cost`)."""
+    chars = prompt_chars(endpoint, body)
+    if chars > limits.max_prompt_chars:
         raise BadRequest(
             f"the prompt is longer than {limits.max_prompt_chars} characters",
             param="messages" if endpoint == "chat" else "prompt",
             code="prompt_too_long",
         )
+    return chars
 
 
-def enforce(limits: LimitsConfig, endpoint: Endpoint, request: EngineRequest) -> None:
-    """Raises `BadRequest` naming the first field over its limit; sets the default output length."""
+def enforce(limits: LimitsConfig, endpoint: Endpoint, request: EngineRequest, body: dict[str, Any]) -> None:
+    """Raises `BadRequest` naming the first field over its limit; sets the default output length when the
+    client's `body` asked for none."""
     for field, why in SERVER_ONLY.items():
         if field in request.model_fields_set and getattr(request, field, None) is not None:
             raise BadRequest(f"{field} may not be set by clients: {why}", param=field, code="field_not_allowed")
@@ -63,10 +68,14 @@ def enforce(limits: LimitsConfig, endpoint: Endpoint, request: EngineRequest) ->
     at_least(request.n, 1, "n")
     at_most(request.n or 1, limits.max_n, "n", code="n_too_large")
     lengths = ("max_tokens", "max_completion_tokens", "min_tokens")
+    # What the client asked for, read from its body: vLLM's validators fill in their own default (16 for
+    # completions, even over an explicit null), which is not the client's ask and not this server's default.
+    asked = {field for field in lengths if body.get(field) is not None}
     for field in lengths:
         at_least(getattr(request, field, None), 0 if field == "min_tokens" else 1, field)
-        at_most(getattr(request, field, None), limits.max_tokens, field, code="max_tokens")
-    if all(getattr(request, field, None) is None for field in lengths[:2]):
+        if field in asked:
+            at_most(getattr(request, field, None), limits.max_tokens, field, code="max_tokens")
+    if not asked & {"max_tokens", "max_completion_tokens"}:
         request.max_tokens = limits.default_max_tokens
     for field in ("logprobs", "top_logprobs", "prompt_logprobs"):
         value = getattr(request, field, None)

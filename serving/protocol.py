@@ -8,6 +8,7 @@ import json
 import typing
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -87,13 +88,22 @@ async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
     return body
 
 
-def read_request(endpoint: Endpoint, body: dict[str, Any], bounds: LimitsConfig) -> EngineRequest:
+@dataclass(frozen=True)
+class Incoming:
+    """A request as the engine gets it, with its prompt's length in characters, measured once on the raw body
+    (the length limit and the token quota both read it)."""
+
+    request: EngineRequest
+    prompt_chars: int
+
+
+def read_request(endpoint: Endpoint, body: dict[str, Any], bounds: LimitsConfig) -> Incoming:
     """A request body as the engine gets it: the prompt's length checked on the raw body (an oversized prompt
     costs no parse), parsed, then every field that multiplies the engine's work bounded (`serving.limits`)."""
-    limits.check_prompt_length(bounds, endpoint, body)
+    chars = limits.check_prompt_length(bounds, endpoint, body)
     parsed = parse_request(endpoint, body)
-    limits.enforce(bounds, endpoint, parsed)
-    return parsed
+    limits.enforce(bounds, endpoint, parsed, body)
+    return Incoming(parsed, chars)
 
 
 def parse_request(endpoint: Endpoint, body: dict[str, Any]) -> EngineRequest:
@@ -204,6 +214,14 @@ class Feedback(BaseModel):
     response_id: str = Field(min_length=1, description="the `id` of the response the feedback is about")
     overridden: StrictBool = Field(description="whether the person overturned (replaced or rejected) the answer")
     label: str | None = Field(None, description="a free-form tag, logged with an overturned answer")
+
+
+class FeedbackRecorded(BaseModel):
+    """The answer to a feedback post that was recorded."""
+
+    response_id: str
+    variant: str = Field(description="the variant that wrote the answer")
+    recorded: bool
 
 
 def parse_feedback(body: dict[str, Any]) -> Feedback:

@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
 
-from serving import attribution, escalation, routing
+from serving import attribution, escalation, openapi, routing
 from serving.admission import KeyQuotas, RateLimit, engine_busy, is_backpressure, token_cost
 from serving.auth import Principal, authenticate
 from serving.config import Config, variants_differ
@@ -28,6 +28,7 @@ from serving.limits import HeaderLimits
 from serving.load import EngineLoad
 from serving.metrics import Metrics
 from serving.protocol import (
+    FeedbackRecorded,
     answer_text,
     engine_error,
     may_need_parsing,
@@ -168,10 +169,13 @@ class RouterCore:
                     param="model",
                     code="model_not_found",
                 )
-            parsed = read_request(endpoint, body, config.limits)
+            incoming = read_request(endpoint, body, config.limits)
+            parsed = incoming.request
             sticky = str(parsed.user or request.headers.get("x-user-id") or principal.key_id)
             override = request.headers.get("x-variant")
-            response = await self.serve(config, principal, endpoint, parsed, sticky, override, span)
+            response = await self.serve(
+                config, principal, endpoint, parsed, sticky, override, span, prompt_chars=incoming.prompt_chars
+            )
             response.headers["x-trace-id"] = trace_id_hex(span)
             return response
 
@@ -184,12 +188,15 @@ class RouterCore:
         sticky: str,
         override: str | None,
         span: trace.Span,
+        *,
+        prompt_chars: int | None = None,
     ) -> Response:
-        """Routes a parsed, bounded request of an authenticated principal to a variant, and answers."""
+        """Routes a parsed, bounded request of an authenticated principal to a variant, and answers.
+        `prompt_chars`: the prompt's length as measured on the raw body, for the token quota."""
         tier = config.tiers[principal.tier]
         if override is not None and not principal.may_override:
             raise Forbidden("this API key may not pin a variant (x-variant)", param="x-variant", code="override_denied")
-        self.quotas.admit(principal.key_id, token_cost(endpoint, parsed))
+        self.quotas.admit(principal.key_id, token_cost(endpoint, parsed, prompt_chars))
         with self.tracer.start_as_current_span("route") as route_span:
             decision = routing.decide(
                 principal.tier,
@@ -243,7 +250,8 @@ class RouterCore:
             logger.info(
                 "feedback: %s on %s (tier %s) overturned, label %r", response_id, answered.variant, answered.tier, label
             )
-        return JSONResponse({"response_id": response_id, "variant": answered.variant, "recorded": True})
+        recorded = FeedbackRecorded(response_id=response_id, variant=answered.variant, recorded=True)
+        return JSONResponse(recorded.model_dump())
 
 
 class Call:
@@ -461,6 +469,9 @@ def create_app(core_of: Callable[[], RouterCore], startup: list[Hook] | None = N
         yield
 
     app = FastAPI(title="precision-serving router", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # The handlers read their bodies themselves; the document declares them (serving.openapi).
+    documents = openapi.Cached()
+    app.openapi = lambda: documents.of(core_of().config)  # type: ignore[method-assign]
     app.add_middleware(HeaderLimits, limits_of=lambda: core_of().config.limits)
 
     @app.exception_handler(ServingError)
@@ -497,7 +508,7 @@ def create_app(core_of: Callable[[], RouterCore], startup: list[Hook] | None = N
         )
         return JSONResponse(ModelList(data=[card]).model_dump(mode="json", exclude_none=True))
 
-    @app.get("/admin/rollout")
+    @app.get("/admin/rollout", include_in_schema=False)  # not public: absent from the OpenAPI document
     async def admin_rollout(request: Request) -> JSONResponse:
         return await core_of().admin_rollout(request)
 

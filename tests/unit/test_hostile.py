@@ -158,13 +158,25 @@ async def test_server_only_fields_are_refused(client: httpx.AsyncClient, field: 
     assert (answer.json()["error"]["param"], answer.json()["error"]["code"]) == (field, "field_not_allowed")
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/completions", {"model": "demo-chat", "prompt": "We the"}),  # vLLM's own default there is 16
+        ("/v1/completions", {"model": "demo-chat", "prompt": "We the", "max_tokens": None}),
+    ],
+)
+@pytest.mark.parametrize("max_tokens", [512, 8])  # a limit under vLLM's default refuses nothing unasked
 async def test_a_request_without_max_tokens_gets_the_configured_default(
-    client: httpx.AsyncClient, core: RouterCore
+    client: httpx.AsyncClient, core: RouterCore, path: str, body: dict[str, Any], max_tokens: int
 ) -> None:
-    body = {"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}
-    assert (await client.post("/v1/chat/completions", json=body, headers=PREMIUM)).status_code == 200
+    default = min(256, max_tokens)
+    limits = core.config.limits.model_copy(update={"max_tokens": max_tokens, "default_max_tokens": default})
+    core.apply(core.config.model_copy(update={"limits": limits}))
+    answer = await client.post(path, json=body, headers=PREMIUM)
+    assert answer.status_code == 200, answer.text
     sent = core.variants["fp16"].requests[-1]  # type: ignore[attr-defined]
-    assert sent.max_tokens == core.config.limits.default_max_tokens == 256
+    assert sent.max_tokens == limits.default_max_tokens
 
 
 async def answer_id(client: httpx.AsyncClient) -> str:
@@ -283,3 +295,11 @@ async def test_a_malformed_feedback_body_is_a_400_naming_the_field(
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["param"] == param
     assert answer.json()["error"]["code"] == "invalid_parameter"
+
+
+@pytest.mark.parametrize("response_id", ["x.\u00e9\u00e9", "chatcmpl-\u00e9.\u00e9", "\u00e9"])
+async def test_a_response_id_with_non_ascii_characters_is_a_400(client: httpx.AsyncClient, response_id: str) -> None:
+    """Found by schemathesis: the signature check raised a TypeError on them (a 500)."""
+    answer = await client.post("/v1/feedback", json={"response_id": response_id, "overridden": True}, headers=PREMIUM)
+    assert answer.status_code == 400, answer.text
+    assert (answer.json()["error"]["param"], answer.json()["error"]["code"]) == ("response_id", "bad_id")

@@ -6,6 +6,7 @@ when its client goes away."""
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,12 @@ from fastapi.responses import StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
+from serving import limits
 from serving.admission import KeyQuotas, RateLimit, token_cost
 from serving.auth import authenticate
 from serving.config import ConfigError, LimitsConfig, load_config, parse_config
 from serving.metrics import sample as metric_sample
-from serving.protocol import parse_request
+from serving.protocol import parse_request, read_request
 from serving.rollout.signals import RequestSignal
 from serving.router import RouterCore, create_app
 from serving.variants import Endpoint, EngineItem, EngineRequest, FakeVariant, RayVariant
@@ -133,6 +135,15 @@ def test_token_cost_counts_token_ids_exactly_and_text_by_estimate() -> None:
     assert token_cost("completions", ids) == 5 + 30
     text = parse_request("completions", {**COMPLETION, "prompt": "x" * 400, "max_tokens": 10})
     assert token_cost("completions", text) == 100 + 10
+
+
+def test_the_prompt_is_measured_once_and_the_token_quota_reads_that_length() -> None:
+    body = {**CHAT, "messages": [{"role": "user", "content": "\u00e9" * 400}], "max_tokens": 10}
+    incoming = read_request("chat", body, LimitsConfig())
+    assert incoming.prompt_chars == limits.prompt_chars("chat", body)
+    assert 400 < incoming.prompt_chars < 450  # non-ASCII counts as characters, not as 6-character escapes
+    assert token_cost("chat", incoming.request, incoming.prompt_chars) == math.ceil(incoming.prompt_chars / 4) + 10
+    assert token_cost("chat", incoming.request, 4000) == 1000 + 10  # the length given is the one charged
 
 
 def test_quotas_follow_a_config_apply_and_none_means_unlimited() -> None:
