@@ -391,6 +391,18 @@ class RouterConfig(Scaling):
     max_queued_requests: int = Field(
         1000, ge=1, description="requests waiting for a router replica, per proxy, beyond which a 503 is sent"
     )
+    # On a cluster Ray Serve may place every router replica on one node; that node's loss then takes every
+    # router (and the calls they hold) with it. Engines cannot take this option: their replicas are placement
+    # groups, which Ray Serve does not combine with it.
+    max_replicas_per_node: int | None = Field(
+        None, ge=1, description="the most router replicas on one Ray node (Ray Serve's max_replicas_per_node)"
+    )
+
+    def deployment_options(self) -> dict[str, Any]:
+        options = super().deployment_options()
+        if self.max_replicas_per_node is not None:
+            options["max_replicas_per_node"] = self.max_replicas_per_node
+        return options
 
 
 class Config(Strict):

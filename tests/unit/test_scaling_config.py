@@ -46,6 +46,13 @@ def test_replicas_and_autoscaling_come_from_the_config() -> None:
     assert options["autoscaling_config"]["target_ongoing_requests"] == 16
 
 
+def test_router_replicas_can_be_spread_one_per_node() -> None:
+    spread = parse_config(MINIMAL + "router: {replicas: 2, max_replicas_per_node: 1}\n", base_dir=Path("/cfg"))
+    assert spread.router.deployment_options()["max_replicas_per_node"] == 1
+    # Left out, Ray Serve's own default (no limit) holds.
+    assert "max_replicas_per_node" not in parse_config(SCALED, base_dir=Path("/cfg")).router.deployment_options()
+
+
 def test_every_autoscaling_field_is_one_that_ray_serve_accepts() -> None:
     ours = AutoscalingConfig(min_replicas=0, max_replicas=8, initial_replicas=2, upscale_delay_s=5)
     theirs = RayAutoscalingConfig(**ours.model_dump(exclude_none=True))
