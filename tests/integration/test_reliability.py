@@ -28,7 +28,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import BASE, METRICS_PORT, METRICS_URL, PORT, Configure, Stack, apply_config
+from tests.integration.conftest import BASE, METRICS_PORT, METRICS_URL, PORT, Stack, apply_config
 from tests.polling import poll_until, poll_until_async
 
 pytestmark = pytest.mark.integration
@@ -267,7 +267,7 @@ def test_the_router_listens_on_loopback_and_no_dashboard_runs(stack: Stack) -> N
     assert not any(port == DASHBOARD_PORT for _, port, _ in listening)
 
 
-# -- faults: a killed engine replica, a down candidate and baseline, a full engine queue, an apply in flight --
+# -- faults: a killed engine replica, a down candidate and baseline, a full engine queue --
 
 STANDARD, BATCH = "demo-standard", "demo-batch"
 ADMIN = {"authorization": "Bearer demo-admin"}  # tier standard, may pin a variant
@@ -492,71 +492,3 @@ def test_a_full_engine_queue_gives_a_fast_503_with_retry_after(stack: Stack) -> 
     assert len(answered) >= 64  # the engine's own slots at least
     # Fast: refused on arrival, not after waiting in a queue behind the answers.
     assert statistics.median(refused) < statistics.median(answered) / 2, (refused, answered)
-
-
-def config_version() -> int:
-    return int(httpx.get(f"{BASE}/health", timeout=10).json()["config_version"])
-
-
-def test_requests_in_flight_finish_across_a_config_apply(stack: Stack, configure: Configure) -> None:
-    """Streams still generating when a router starts running the config `serving apply` hands it: each ends
-    whole, on the variant it started on (the config is taken once per request)."""
-    clients, tokens = 24, 1000
-
-    async def stream_while_applying() -> tuple[list[tuple[int, int | None, bool]], int]:
-        body = {
-            **CHAT,
-            "max_tokens": tokens,
-            "ignore_eos": True,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-
-        async def one(http: httpx.AsyncClient, i: int) -> tuple[int, int | None, bool]:
-            async with http.stream(
-                "POST",
-                "/v1/chat/completions",
-                json={**body, "user": f"drain-{i}"},
-                headers={"authorization": f"Bearer {STANDARD}"},
-            ) as answer:
-                text = "".join([part async for part in answer.aiter_text()])
-            usage = None
-            for line in text.splitlines():
-                if line.startswith("data: {") and '"usage"' in line:
-                    usage = (json.loads(line[6:]).get("usage") or {}).get("completion_tokens", usage)
-            whole = text.rstrip().endswith("data: [DONE]") and '"error"' not in text
-            return answer.status_code, usage, whole
-
-        before = config_version()
-        async with httpx.AsyncClient(base_url=BASE, timeout=300) as http:
-            tasks = [asyncio.create_task(one(http, i)) for i in range(clients)]
-            # Started with the streams: the apply's own start (a Python process joining Ray) takes seconds.
-            applying = asyncio.create_task(asyncio.to_thread(configure, standard_weight=0.0))
-            await poll_until_async(
-                lambda: engine_samples().get("running", 0) >= clients,
-                f"{clients} streams generating",
-                timeout_s=60,
-                interval_s=0.3,
-            )
-            await poll_until_async(
-                lambda: config_version() > before, "a router running the applied config", timeout_s=60, interval_s=0.2
-            )
-            in_flight = sum(not t.done() for t in tasks)
-            await applying
-            return await asyncio.gather(*tasks), in_flight
-
-    apply_limits(stack, max_tokens=tokens)
-    try:
-        finished, in_flight = asyncio.run(stream_while_applying())  # the apply writes the stack's own limits back
-    finally:
-        assert apply_config(stack).returncode == 0
-    record(
-        f"{clients} streams of {tokens} tokens, {in_flight} of them in flight when a router switched to the config "
-        "`serving apply` gave it",
-        [
-            f"{status} whole" if whole and usage == tokens else f"{status} cut ({usage} tokens)"
-            for status, usage, whole in finished
-        ],
-    )
-    assert in_flight > 0, "the streams ended before the apply took effect: make them longer"
-    assert finished == [(200, tokens, True)] * clients
