@@ -15,7 +15,7 @@ from typing import Any
 
 from serving.config import LimitsConfig
 from serving.errors import TooManyRequests, Unavailable
-from serving.variants import Endpoint, EngineRequest
+from serving.variants import Endpoint, EngineRequest, QueueWaitExceeded
 
 CHARS_PER_TOKEN = 4  # a prompt's tokens, estimated before tokenizing (the engine tokenizes)
 ENGINE_BUSY_RETRY_S = 1
@@ -116,4 +116,5 @@ def is_backpressure(exc: BaseException) -> bool:
     """Whether an engine call failed because its queue is full (also when it crossed a process wrapped)."""
     from ray.serve.exceptions import BackPressureError
 
-    return isinstance(exc, BackPressureError) or isinstance(getattr(exc, "cause", None), BackPressureError)
+    full = (BackPressureError, QueueWaitExceeded)  # a request that waited its bound in a queue counts as full
+    return isinstance(exc, full) or isinstance(getattr(exc, "cause", None), full)

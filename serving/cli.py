@@ -102,6 +102,7 @@ def _apply(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from serving.config import load_config
+    from serving.launch import check_state_file
     from serving.release.policy import enforce
 
     config = load_config(args.config)
@@ -111,6 +112,29 @@ def _check(args: argparse.Namespace) -> int:
         # Nothing is downloaded here: a hub model is fetched by each engine's node when it starts.
         where = f"hub {variant.hub} (not checked here)" if variant.hub else f"folder {variant.path}"
         print(f"  {name:6} {variant.precision:5} {where}")
+    check_state_file(config)  # raises ConfigError: `main` prints it, exits 2, as `serving serve` does
+    state_file = config.rollback.state_file
+    print(f"  rollout state {state_file}: {'reads fine' if state_file.is_file() else 'none yet (a first start)'}")
+    return 0
+
+
+def _rollout_reset_state(args: argparse.Namespace) -> int:
+    import getpass
+    import socket
+
+    from serving.config import load_config
+    from serving.rollout import store
+
+    path = args.state or load_config(args.config).rollback.state_file
+    try:
+        aside = store.reset(path, f"{getpass.getuser()}@{socket.gethostname()}")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"the damaged state file is kept as {aside}; {path} now starts every candidate at weight 0 "
+        "(fail-safe) until a config is applied (`serving apply CONFIG`)"
+    )
     return 0
 
 
@@ -321,6 +345,15 @@ def parser() -> argparse.ArgumentParser:
         operate = rollout_commands.add_parser(verb, help=what)
         operate.add_argument("tier", help="the tier's name in the config")
         operate.set_defaults(func=_rollout_operate)
+    reset_state = rollout_commands.add_parser(
+        "reset-state",
+        help="keep a damaged state file aside and start every candidate at weight 0 (with the stack stopped)",
+    )
+    reset_state.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG, help="the config naming the state file (default: %(default)s)"
+    )
+    reset_state.add_argument("--state", type=Path, help="the state file itself (instead of --config's)")
+    reset_state.set_defaults(func=_rollout_reset_state)
     evaluate = commands.add_parser(
         "evaluate", help="the release gate: a candidate variant against its baseline on an evaluation set"
     )

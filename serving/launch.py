@@ -58,6 +58,17 @@ def check_variants_exist(config: Config) -> None:
         raise ConfigError(f"these variants have no model at their path: {', '.join(missing)}")
 
 
+def check_state_file(config: Config) -> None:
+    """Refuses a damaged rollout state file before anything starts, saying what to do (never a silent reset:
+    the file records which candidates were rolled back)."""
+    from serving.rollout import store
+
+    try:
+        store.read_state(config.rollback.state_file)
+    except store.DamagedState as damaged:
+        raise ConfigError(store.refusal(damaged)) from None
+
+
 def quiet_terminal() -> None:
     """Keeps library logs off the terminal: warnings and errors still show, as plain text."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -134,7 +145,9 @@ def serve(config_path: Path, address: str | None = None) -> int:
     config = load_config(config_path)
     release_policy.enforce(config, config_path)  # a gated tier's candidate takes weight only with its gate
     if address is None:
-        # On a cluster the folders are on the engines' nodes, not necessarily here; Serve reports a missing one.
+        # On a cluster the state file and the folders are on other nodes, not necessarily here: Serve reports a
+        # missing folder, and a controller started there on a damaged state file starts fail-safe.
+        check_state_file(config)
         check_variants_exist(config)
     quiet_terminal()
 

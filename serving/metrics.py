@@ -236,10 +236,12 @@ class Metrics:
         # sum by (variant, kind) (rate(ray_serving_overrides_total[5m]))
         # escalation rate: sum by (tier) (rate(ray_serving_overrides_total{kind="escalation"}[5m]))
         #   / sum by (tier) (rate(ray_serving_requests_total{role="primary", outcome!="rejected"}[5m]))
+        # a down candidate: sum by (tier, variant) (rate(ray_serving_overrides_total{kind="fallback"}[5m])) > 0
         self.overrides = backend.counter(
             "serving_overrides_total",
             "Routing pins (kind=routing), people overturning answers (kind=feedback), answers re-run on full "
-            "precision (kind=escalation)",
+            "precision (kind=escalation), a down candidate's requests answered by its baseline (kind=fallback, "
+            "variant=the candidate)",
             ("variant", "tier", "kind"),
         )
         # sum by (variant, tier) (rate(ray_serving_feedback_total[5m]))

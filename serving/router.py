@@ -52,6 +52,13 @@ from serving.variants import Endpoint, EngineItem, EngineRequest, VariantClient
 logger = logging.getLogger("serving.router")
 
 DESCRIBE_TIMEOUT_S = 5.0
+# A candidate's call that failed in one of these ways, before any byte went to the client, is answered by
+# the tier's baseline instead (a full queue, `engine_overloaded`, is no sign that the candidate is down).
+DOWN_CODES = frozenset({"variant_unavailable", "empty_response", "engine_error"})
+# How long a candidate that failed so is passed over: its tier's requests go straight to the baseline instead
+# of each waiting up to ASSIGN_TIMEOUT_S (serving.variants) for a replica that is restarting. The first
+# request after it tries the candidate again.
+CANDIDATE_DOWN_HOLD_S = 10.0
 
 
 class RouterCore:
@@ -91,6 +98,7 @@ class RouterCore:
         self.engine_facts: dict[str, dict[str, Any]] = {}
         self.shadower.on_compared = self.follower.record
         self.config_version = 0
+        self.down_until: dict[str, float] = {}  # candidate -> until when it is passed over (monotonic)
         self.start_series(config)
 
     def in_flight(self, variant: str) -> float:
@@ -220,10 +228,39 @@ class RouterCore:
         if tier.shadow is not None and parsed.n in (None, 1):
             shadow = self.shadower.pick_target(decision.variant, tier.shadow.target, tier.shadow.rate)
         escalate = escalation.plan(config, tier, decision, endpoint, parsed)
+        if decision.reason == "candidate" and self.down_until.get(decision.variant, 0.0) > time.monotonic():
+            return await self.fall_back(config, principal, endpoint, parsed, decision.variant)
         call = Call(self, principal, decision.variant, endpoint, parsed, shadow, escalate)
         with self.tracer.start_as_current_span("variant call") as call_span:
             call_span.set_attribute("variant", decision.variant)
-            return await call.start()
+            try:
+                return await call.start()
+            except Unavailable as exc:
+                if decision.reason != "candidate" or exc.code not in DOWN_CODES:
+                    raise  # a baseline that is down, or a pinned variant, is a clear 503
+                self.down_until[decision.variant] = time.monotonic() + CANDIDATE_DOWN_HOLD_S
+        return await self.fall_back(config, principal, endpoint, parsed, decision.variant)
+
+    async def fall_back(
+        self, config: Config, principal: Principal, endpoint: Endpoint, parsed: EngineRequest, candidate: str
+    ) -> Response:
+        """Answers on the tier's baseline a request routed to its candidate while that is down, counted as an
+        override of kind "fallback" (on the candidate). Never onto a precision the tier forbids (the config
+        refuses such a baseline; checked again here because it is the tier's promise)."""
+        tier = config.tiers[principal.tier]
+        baseline = tier.baseline
+        if config.variants[baseline].precision in tier.forbid:
+            raise Unavailable(f"variant {candidate} is unavailable; retry shortly", code="variant_unavailable")
+        self.metrics.overrides.labels(candidate, principal.tier, "fallback").inc()
+        logger.warning("fallback: %s is down; tier %s's request is answered by %s", candidate, principal.tier, baseline)
+        # Signed anew, so feedback on the answer goes to the variant that wrote it.
+        parsed.request_id = attribution.sign(self.signing_keys()[0], principal.tenant, principal.tier, baseline)
+        call = Call(self, principal, baseline, endpoint, parsed, None)
+        with self.tracer.start_as_current_span("variant call") as call_span:
+            call_span.set_attributes({"variant": baseline, "fallback_from": candidate})
+            response = await call.start()
+        response.headers["x-fallback-from"] = candidate
+        return response
 
     async def feedback(self, request: Request) -> JSONResponse:
         config = self.config

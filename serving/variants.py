@@ -9,7 +9,8 @@ object (or an `ErrorResponse`); for a streaming request batches of ready SSE str
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
 
 if TYPE_CHECKING:  # the protocol models are imported where they are built: importing them costs seconds
@@ -31,10 +32,20 @@ EngineItem: TypeAlias = "WholeAnswer | ErrorResponse | str | list[str]"
 # no replica running (its node lost, every replica restarting) Serve would queue it until one starts, for
 # minutes or for ever, and the client would hang; past this bound it fails as a 503 that clients retry.
 ASSIGN_TIMEOUT_S = 10.0
+# But a request waiting while a replica works on this router's other calls of the variant (one taken or ended
+# within ASSIGN_TIMEOUT_S) is in Serve's bounded queue (max_queued_requests) behind a busy replica, not waiting
+# for a missing one: it waits on, up to this long in all, and is then refused as a full engine (a 503 with
+# Retry-After, which says nothing of the variant's health). Seen on the real stack: 160 of 420 requests at once
+# failed as "unavailable" after 10 s in the queue, each counted as an error of a variant that was working.
+QUEUE_WAIT_S = 120.0
 
 
 class NoReplica(RuntimeError):
-    """No replica of the variant took the request within ASSIGN_TIMEOUT_S."""
+    """No replica of the variant took the request within ASSIGN_TIMEOUT_S, and none took another of ours."""
+
+
+class QueueWaitExceeded(RuntimeError):
+    """The request waited QUEUE_WAIT_S in the queue of a variant whose replica was busy: a full engine."""
 
 
 class VariantClient(Protocol):
@@ -55,23 +66,43 @@ class RayVariant:
     def __init__(self, handle: Any) -> None:
         self._handle = handle.options(stream=True)
         self._unary = handle
+        self.running = 0  # this router's calls that a replica took and is still working on
+        self.progressed_at = -float("inf")  # when one of them was last taken or ended (monotonic)
 
-    async def call(self, endpoint: Endpoint, request: EngineRequest) -> AsyncIterator[EngineItem]:
+    async def call(self, endpoint: Endpoint, request: EngineRequest) -> AsyncGenerator[EngineItem, None]:
         answer = getattr(self._handle, endpoint).remote(request, None)
-        finished = False
+        finished = taken = False
         try:
-            try:
-                # Serve's own wait for a replica (what iterating the response awaits first), bounded. A private
-                # method: Serve has no public way to bound the assignment apart from the generation.
-                await asyncio.wait_for(answer._fetch_future_result_async(), ASSIGN_TIMEOUT_S)
-            except TimeoutError:
-                raise NoReplica(f"no replica took the request within {ASSIGN_TIMEOUT_S:.0f} s") from None
+            await self.wait_for_replica(answer)
+            taken = True
+            self.running += 1
+            self.progressed_at = time.monotonic()
             async for item in answer:
                 yield item
             finished = True
         finally:
+            if taken:
+                self.running -= 1
+                self.progressed_at = time.monotonic()
             if not finished:  # no replica, closed early (the client went away) or cancelled: the engine stops
                 answer.cancel()
+
+    async def wait_for_replica(self, answer: Any) -> None:
+        """Serve's own wait for a replica (what iterating the response awaits first), bounded as ASSIGN_TIMEOUT_S
+        and QUEUE_WAIT_S say. A private method: Serve has no public way to bound the assignment apart from the
+        generation."""
+        started = time.monotonic()
+        assigned = asyncio.ensure_future(answer._fetch_future_result_async())
+        try:
+            while not (await asyncio.wait({assigned}, timeout=ASSIGN_TIMEOUT_S))[0]:
+                now = time.monotonic()
+                if self.running == 0 and now - self.progressed_at >= ASSIGN_TIMEOUT_S:
+                    raise NoReplica(f"no replica took the request within {ASSIGN_TIMEOUT_S:.0f} s")
+                if now - started >= QUEUE_WAIT_S:
+                    raise QueueWaitExceeded(f"the request waited {QUEUE_WAIT_S:.0f} s for a busy replica")
+            assigned.result()  # Serve's own failure (a full queue: BackPressureError), if any
+        finally:
+            assigned.cancel()  # a no-op once it is done
 
     async def healthy(self) -> bool:
         try:

@@ -2,9 +2,14 @@
 so a rollback outlives every restart.
 
 Written durably: a temporary file, flushed to disk, renamed over the old one, then the folder flushed,
-so a crash leaves either the old state or the new one, never half of one. A file that cannot be read
-(truncated, edited by hand, a disk error) is moved aside, never deleted, and the controller starts
-fail-safe instead of not at all: every candidate at weight 0 until an operator applies a config.
+so a crash leaves either the old state or the new one, never half of one.
+
+A file that cannot be read (truncated, edited by hand, a disk error) is never silently reset: a
+rolled-back candidate must not come back because a file was damaged. At startup (`serving serve`,
+`serving check`) it is refused (`refusal` says what to do; `reset` is the documented way out). A
+controller that finds it damaged later (Ray restarting it) cannot refuse without taking the whole rollout
+down with it, so it moves the file aside, never deleting it, and starts fail-safe: every candidate at
+weight 0 until an operator applies a config.
 """
 
 from __future__ import annotations
@@ -52,8 +57,16 @@ class StateFile(BaseModel):
     fail_safe: str | None = None
 
 
-def load_state(path: Path) -> dict[str, Any]:
-    """The saved state, or a fresh one. A damaged file gives a state marked `fail_safe` with the reason."""
+class DamagedState(Exception):
+    """The state file exists but is not a rollout state; `problem` says what is wrong with it."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem = path, problem
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """The saved state, or a fresh one if there is no file; raises `DamagedState` for a damaged one."""
     if not path.is_file():
         return {"tiers": {}}
     try:
@@ -62,18 +75,66 @@ def load_state(path: Path) -> dict[str, Any]:
             raise ValueError("it is not a rollout state (an object with a `tiers` object)")
         StateFile.model_validate(state)  # checked, not converted: the controller keeps the file's own dict
     except ValidationError as exc:
-        return quarantine(path, f"it is not a rollout state: {exc.errors()[0]['loc']} {exc.errors()[0]['msg']}")
+        first = exc.errors()[0]
+        raise DamagedState(path, f"it is not a rollout state: {first['loc']} {first['msg']}") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
-        return quarantine(path, f"{type(exc).__name__}: {exc}")
+        raise DamagedState(path, f"{type(exc).__name__}: {exc}") from None
     state.setdefault("tiers", {})
     return state
 
 
+def load_state(path: Path) -> dict[str, Any]:
+    """The saved state, or a fresh one. A damaged file gives a state marked `fail_safe` with the reason
+    (the controller's way: it may not refuse to start, see the module's docstring)."""
+    try:
+        return read_state(path)
+    except DamagedState as exc:
+        return quarantine(path, exc.problem)
+
+
+def refusal(damaged: DamagedState) -> str:
+    """What `serving serve` and `serving check` say about a damaged state file: what, why, what to do."""
+    return (
+        f"the rollout state file {damaged.path} is damaged ({damaged.problem}). Refusing to start: the file "
+        "records which candidates were rolled back, and starting without it could give a rolled-back candidate "
+        "traffic again. Either put back a good copy of the file (`serving check CONFIG` reads it), or run "
+        f"`serving rollout reset-state --state {damaged.path}`: it keeps the damaged file beside it and starts "
+        "every candidate at weight 0 until you apply a config (`serving apply CONFIG`)."
+    )
+
+
+def reset(path: Path, by: str) -> Path:
+    """An operator's way out of a damaged state file: keeps it aside and writes a fail-safe state (every
+    candidate at weight 0 until a config is applied). Returns where the damaged file went. Raises
+    `ValueError` for a file that is missing or reads fine: a good record of rollbacks is never reset."""
+    if not path.is_file():
+        raise ValueError(f"there is no state file at {path}; nothing to reset (a first start needs none)")
+    try:
+        read_state(path)
+    except DamagedState as exc:
+        problem = exc.problem
+    else:
+        raise ValueError(f"the state file {path} reads fine; it is not reset (it records the rollbacks)")
+    aside = move_aside(path)
+    reason = (
+        f"the rollout state file {path} was damaged ({problem}) and reset by {by} at "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; the damaged file is kept as {aside}. "
+        "Every candidate is at weight 0 until a config is applied (`serving apply`)."
+    )
+    save_state(path, {"tiers": {}, "fail_safe": reason})
+    return aside
+
+
+def move_aside(path: Path) -> Path:
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+    os.replace(path, aside)
+    return aside
+
+
 def quarantine(path: Path, error: str) -> dict[str, Any]:
     """Moves a damaged state file aside and returns a fail-safe state that says why."""
-    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
     try:
-        os.replace(path, aside)
+        aside = move_aside(path)
     except OSError as exc:
         aside = path
         logger.error("could not move the damaged state file %s aside: %s", path, exc)

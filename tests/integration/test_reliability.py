@@ -7,12 +7,18 @@ answered, refused with which status, lost) is appended there as a JSON line: REL
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import logging
 import os
+import statistics
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -151,8 +157,13 @@ def test_a_key_over_its_requests_per_minute_gets_429_with_retry_after_and_others
                 )
 
         answers = asyncio.run(burst())
+        # Another key of an unshadowed tier: a shadow of this answer would run on after it and land in the next
+        # test's count of requests finished (seen once: 2 "finished" while 8 abandoned ones were watched).
         other = httpx.post(
-            f"{BASE}/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer demo-batch"}, timeout=120
+            f"{BASE}/v1/chat/completions",
+            json=CHAT,
+            headers={"authorization": "Bearer test-premium-admin"},
+            timeout=120,
         )
     finally:
         assert apply_config(stack).returncode == 0  # the stack's starting config again
@@ -267,3 +278,230 @@ def test_the_router_listens_on_loopback_and_no_dashboard_runs(stack: Stack) -> N
     assert any(port == PORT for _, port, _ in listening)
     assert [s for s in listening if s[1] == PORT and not loopback(s[0])] == []
     assert not any(port == DASHBOARD_PORT for _, port, _ in listening)
+
+
+# -- faults: a killed engine replica, a down candidate and baseline, a full engine queue --
+
+STANDARD, BATCH = "demo-standard", "demo-batch"
+ADMIN = {"authorization": "Bearer demo-admin"}  # tier standard, may pin a variant
+
+
+@dataclass
+class Outcome:
+    """One request's fate: its status (or the exception that lost it), who answered, how long it took."""
+
+    key: str
+    status: int | str
+    variant: str | None = None
+    fallback_from: str | None = None
+    code: str | None = None
+    message: str = ""
+    seconds: float = 0.0
+    tokens: int = 0
+    retry_after: str | None = None
+
+
+async def send(http: httpx.AsyncClient, key: str, body: dict[str, Any]) -> Outcome:
+    """Sends one request. A 200 that is not a complete answer, or an error not in the OpenAI shape, is
+    counted as its own status ("200 incomplete", "503 unshaped"): the tests hold the statuses to a list."""
+    started = time.monotonic()
+    try:
+        answer = await http.post("/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"})
+    except httpx.HTTPError as exc:  # no answer at all: lost
+        return Outcome(key, type(exc).__name__, seconds=time.monotonic() - started)
+    seconds = time.monotonic() - started
+    try:
+        found = answer.json()
+    except ValueError:
+        return Outcome(key, f"{answer.status_code} not JSON", seconds=seconds)
+    if answer.status_code == 200:
+        try:
+            tokens = int(found["usage"]["completion_tokens"])
+            complete = found["choices"][0]["finish_reason"] in ("stop", "length") and tokens > 0
+        except (KeyError, IndexError, TypeError):
+            tokens, complete = 0, False
+        return Outcome(
+            key,
+            200 if complete else "200 incomplete",
+            answer.headers.get("x-served-variant"),
+            answer.headers.get("x-fallback-from"),
+            seconds=seconds,
+            tokens=tokens,
+        )
+    error = found.get("error") if isinstance(found, dict) else None
+    if not isinstance(error, dict) or set(error) != {"message", "type", "param", "code"}:
+        return Outcome(key, f"{answer.status_code} unshaped", seconds=seconds)
+    return Outcome(
+        key,
+        answer.status_code,
+        code=error["code"],
+        message=error["message"],
+        seconds=seconds,
+        retry_after=answer.headers.get("retry-after"),
+    )
+
+
+class Load:
+    """Clients of the given keys, each sending one short request after another (a new `user` each time, so
+    they land on both sides of every split) from an event loop in a thread of its own, until stopped."""
+
+    def __init__(self, keys: Sequence[str], clients_per_key: int) -> None:
+        self.outcomes: list[Outcome] = []
+        self.stopping = threading.Event()
+        self.failure: BaseException | None = None
+        self.thread = threading.Thread(target=self.main, args=(keys, clients_per_key), daemon=True)
+
+    def main(self, keys: Sequence[str], clients_per_key: int) -> None:
+        try:
+            asyncio.run(self.run(keys, clients_per_key))
+        except BaseException as exc:  # raised in the test's thread, by __exit__
+            self.failure = exc
+
+    async def run(self, keys: Sequence[str], clients_per_key: int) -> None:
+        async def client(key: str, n: int) -> None:
+            for i in itertools.count():
+                if self.stopping.is_set():
+                    return
+                body = {**CHAT, "max_tokens": 8, "user": f"fault-{key}-{n}-{i}"}
+                self.outcomes.append(await send(http, key, body))
+
+        # The timeout is far above the worst wait (ASSIGN_TIMEOUT_S for a replica, then an answer): a request
+        # that runs into it hung, and is counted lost.
+        async with httpx.AsyncClient(base_url=BASE, timeout=90) as http:
+            await asyncio.gather(*(client(key, n) for key in keys for n in range(clients_per_key)))
+
+    def __enter__(self) -> Load:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=180)
+        assert not self.thread.is_alive(), "a client hung"
+        if self.failure is not None:
+            raise self.failure
+
+
+def exported(name: str, **labels: str) -> float:
+    """The sum of a metric's samples on the node's Ray metrics agent (every router replica's)."""
+    want = set(labels.items())
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(httpx.get(METRICS_URL, timeout=10).text)
+        for sample in family.samples
+        if sample.name == name and want <= set(sample.labels.items())
+    )
+
+
+def ready() -> bool:
+    try:
+        return httpx.get(f"{BASE}/ready", timeout=45).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def ray_driver() -> Iterator[None]:
+    import ray
+
+    from serving.rollout.controller import NAMESPACE
+
+    ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+def by_fate(outcomes: Sequence[Outcome]) -> list[str]:
+    """Each request as RELIABILITY.md's table counts it: its status, and who answered a 200."""
+    return [
+        f"200 from {o.variant}" + (f" (fallback from {o.fallback_from})" if o.fallback_from else "")
+        if o.status == 200
+        else f"{o.status} {o.code}"
+        if o.code
+        else str(o.status)
+        for o in outcomes
+    ]
+
+
+def test_an_engine_replica_killed_under_load_gives_fallbacks_or_clear_503s_and_comes_back(
+    stack: Stack, ray_driver: None
+) -> None:
+    """int8 is standard's candidate (baseline fp16) and batch's baseline (candidate awq): killing its only
+    replica under load shows both faults at once. Standard's requests routed to int8 are answered by fp16
+    (counted); batch's routed to int8 get a clear 503 (its baseline is down); nothing hangs; the replica
+    comes back and answers again."""
+    from tests.integration.test_rollback import kill_replica, replicas
+
+    fallback = {"variant": "int8", "tier": "standard", "kind": "fallback"}
+    before = exported("ray_serving_overrides_total", **fallback)
+    old = replicas("variant-int8")
+    with Load([STANDARD, BATCH], clients_per_key=3) as load:
+        poll_until(lambda: len(load.outcomes) >= 12, "answers before the kill", timeout_s=60, interval_s=0.2)
+        answered_before = len(load.outcomes)
+        kill_replica("variant-int8")
+        killed_at = time.monotonic()
+        poll_until(lambda: replicas("variant-int8") - old, "a new int8 replica", timeout_s=120)
+        poll_until(ready, "every engine ready again", timeout_s=300, interval_s=1)
+        back_s = time.monotonic() - killed_at
+        during = load.outcomes[answered_before:]
+    pinned = httpx.post(
+        f"{BASE}/v1/chat/completions", json=CHAT, headers={**ADMIN, "x-variant": "int8"}, timeout=60
+    )  # the new replica answers
+    standard = [o for o in during if o.key == STANDARD]
+    batch = [o for o in during if o.key == BATCH]
+    record(
+        f"int8 engine replica killed under load, standard tier (candidate int8, baseline fp16; back in {back_s:.0f} s)",
+        by_fate(standard),
+    )
+    record("same kill, batch tier (baseline int8 down, candidate awq)", by_fate(batch))
+    assert [o for o in during if isinstance(o.status, str)] == [], by_fate(during)  # lost, cut or unshaped
+    assert max(o.seconds for o in during) < 60, "no request hangs"  # ASSIGN_TIMEOUT_S (10 s) bounds a wait
+    # Standard: every request answered, int8's by fp16 while int8 was down, and counted.
+    assert {o.status for o in standard} == {200}, [o for o in standard if o.status != 200]
+    fell_back = [o for o in standard if o.fallback_from == "int8"]
+    assert fell_back, "some standard request was routed to int8 while it was down"
+    assert {o.variant for o in fell_back} == {"fp16"}
+    poll_until(
+        lambda: exported("ray_serving_overrides_total", **fallback) - before >= len(fell_back),
+        f"the fallback counter to count {len(fell_back)} fallbacks",
+        timeout_s=15,
+    )
+    # Batch: its baseline was down: answered by awq, or a clear 503 naming int8; never a 500.
+    assert {o.status for o in batch} <= {200, 503}, by_fate(batch)
+    refused = [o for o in batch if o.status == 503]
+    assert refused, "some batch request reached int8 while it was down"
+    assert {(o.code, "int8" in o.message) for o in refused} == {("variant_unavailable", True)}, refused
+    assert pinned.status_code == 200, pinned.text
+    assert pinned.headers["x-served-variant"] == "int8"
+
+
+QUEUE_FILLERS = 420  # the fp16 engine takes 64 at once and queues 128 per router replica (2): 320 in all
+
+
+def test_a_full_engine_queue_gives_a_fast_503_with_retry_after(stack: Stack) -> None:
+    """More requests at once than the fp16 engine works on and queues (Ray Serve's max_ongoing_requests and
+    max_queued_requests, per router replica): the rest are refused at once with a 503 and Retry-After, and
+    every one accepted is answered whole."""
+    body = {**CHAT, "max_tokens": 200, "ignore_eos": True}
+
+    async def flood() -> list[Outcome]:
+        limits = httpx.Limits(max_connections=QUEUE_FILLERS + 10)
+        async with httpx.AsyncClient(base_url=BASE, timeout=300, limits=limits) as http:
+            outcomes = await asyncio.gather(*(send(http, "demo-premium", body) for _ in range(QUEUE_FILLERS)))
+        return outcomes
+
+    outcomes = asyncio.run(flood())
+    answered = sorted(o.seconds for o in outcomes if o.status == 200)
+    refused = sorted(o.seconds for o in outcomes if o.status == 503)
+    record(
+        f"{QUEUE_FILLERS} requests at once on the fp16 engine (64 at once + 128 queued per router replica); "
+        f"503s in {statistics.median(refused) if refused else 0:.1f} s (median), "
+        f"answers in {statistics.median(answered) if answered else 0:.1f} s",
+        by_fate(outcomes),
+    )
+    assert {o.status for o in outcomes} == {200, 503}, by_fate(outcomes)  # none lost, cut or unshaped
+    assert {(o.code, o.retry_after) for o in outcomes if o.status == 503} == {("engine_overloaded", "1")}
+    assert {o.tokens for o in outcomes if o.status == 200} == {200}  # whole: every token asked for
+    assert len(answered) >= 64  # the engine's own slots at least
+    # Fast: refused on arrival, not after waiting in a queue behind the answers.
+    assert statistics.median(refused) < statistics.median(answered) / 2, (refused, answered)

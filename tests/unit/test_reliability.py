@@ -323,5 +323,5 @@ async def test_ray_variant_cancels_the_engine_call_only_when_closed_before_the_e
     assert not handle.answers[0].cancelled
     stream = variant.call("chat", request)
     assert await anext(stream) == "a"
-    await stream.aclose()  # type: ignore[attr-defined]
+    await stream.aclose()
     assert handle.answers[1].cancelled
