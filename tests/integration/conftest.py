@@ -4,6 +4,7 @@ replicas, because nothing in a replica may assume it is the only one (metrics, f
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -211,3 +213,47 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         process.terminate()
         process.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def ray_driver() -> Iterator[None]:
+    """This process attached to the stack's Ray cluster as a driver, for the tests that act through Ray's API."""
+    import ray
+
+    from serving.rollout.controller import NAMESPACE
+
+    ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+def replicas(deployment: str) -> set[tuple[str, str]]:
+    """The live replicas of a Serve deployment of the stack's application, as (namespace, actor name):
+    from Ray's named-actor registry (the state API needs the dashboard, which the stack does not run).
+    Serve names a replica `SERVE_REPLICA::app#deployment#id`; Ray Serve LLM prefixes an engine's
+    deployment name with its class (`VariantServer:variant-fp16`)."""
+    import ray
+
+    found = set()
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        app, _, rest = actor["name"].removeprefix("SERVE_REPLICA::").partition("#")
+        name = rest.rpartition("#")[0]
+        if actor["name"].startswith("SERVE_REPLICA::") and app == "serving" and name.split(":")[-1] == deployment:
+            found.add((actor["namespace"], actor["name"]))
+    return found
+
+
+def replica(deployment: str) -> Any:
+    """One live replica of a deployment, as its actor handle. Looking it up takes a while on a busy machine
+    (a listing of every named actor): a test that must kill at a given moment looks it up beforehand."""
+    import ray
+
+    namespace, name = sorted(poll_until(lambda: replicas(deployment), f"a replica of {deployment}"))[0]
+    return ray.get_actor(name, namespace=namespace)
+
+
+def kill_replica(handle: Any) -> None:
+    """Kills a replica (its handle from `replica`) through Ray's API, never by process name; Serve starts a new one."""
+    import ray
+
+    ray.kill(handle, no_restart=False)

@@ -8,7 +8,6 @@ one behaviour each; they run in file order, and the last ones restore the demo c
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 import threading
@@ -23,7 +22,16 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import BASE, METRICS_URL, Stack, apply_config, served_variants
+from tests.integration.conftest import (
+    BASE,
+    METRICS_URL,
+    Stack,
+    apply_config,
+    kill_replica,
+    replica,
+    replicas,
+    served_variants,
+)
 from tests.polling import poll_until
 
 pytestmark = pytest.mark.integration
@@ -69,33 +77,6 @@ def wait_until(condition: Callable[[], Any], timeout_s: float, what: str) -> Any
 def check(status: dict[str, Any], tier: str, name: str) -> dict[str, Any]:
     found: dict[str, Any] = next(c for c in status["tiers"][tier]["checks"] if c["check"] == name)
     return found
-
-
-def replicas(deployment: str) -> set[tuple[str, str]]:
-    """The live replicas of a Serve deployment of the stack's application, as (namespace, actor name):
-    from Ray's named-actor registry (the state API needs the dashboard, which the stack does not run).
-    Serve names a replica `SERVE_REPLICA::app#deployment#id`; Ray Serve LLM prefixes an engine's
-    deployment name with its class (`VariantServer:variant-fp16`)."""
-    import ray
-
-    found = set()
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        app, _, rest = actor["name"].removeprefix("SERVE_REPLICA::").partition("#")
-        name = rest.rpartition("#")[0]
-        if actor["name"].startswith("SERVE_REPLICA::") and app == "serving" and name.split(":")[-1] == deployment:
-            found.add((actor["namespace"], actor["name"]))
-    return found
-
-
-def kill_replica(deployment: str) -> None:
-    """Kills one replica of a deployment through Ray's API (by its actor handle, never by process name);
-    Serve starts a new one."""
-    import ray
-
-    found = sorted(replicas(deployment))
-    assert found, f"no replica of {deployment}: {ray.util.list_named_actors(all_namespaces=True)}"
-    namespace, name = found[0]
-    ray.kill(ray.get_actor(name, namespace=namespace), no_restart=False)
 
 
 def kill_controller() -> None:
@@ -180,17 +161,6 @@ class Judged:
 
 
 @pytest.fixture(scope="module")
-def ray_driver() -> Iterator[None]:
-    import ray
-
-    from serving.rollout.controller import NAMESPACE
-
-    ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def judged(stack: Stack, ray_driver: None) -> Judged:
     # A changed tier config starts a fresh judgement of both candidates, with rollback on.
     assert apply_config(stack, shadow_rate=1.0, rollback=True, batch_weight=50.5, standard_weight=50.5).returncode == 0
@@ -215,7 +185,7 @@ def judged(stack: Stack, ray_driver: None) -> Judged:
             "a judgement by the restarted controller",
         )
         running.paused.clear()
-        kill_replica("variant-fp16")  # the baseline of premium and standard, and the shadows' target
+        kill_replica(replica("variant-fp16"))  # the baseline of premium and standard, and the shadows' target
         status = wait_until(
             lambda: (
                 (s := rollout())["tiers"]["batch"]["phase"] == "rolled_back"
@@ -296,7 +266,7 @@ def test_rollout_status_and_the_state_file_show_the_rollback(stack: Stack, judge
 
 def test_a_router_replica_restart_does_not_bring_the_weight_back(judged: Judged) -> None:
     before = replicas("Router")
-    kill_replica("Router")
+    kill_replica(replica("Router"))
     wait_until(
         lambda: len(replicas("Router")) == len(before) != 0 and replicas("Router") != before, 180, "a new router"
     )
