@@ -51,7 +51,7 @@ class Router:
             logger.info("config version %d applied", snapshot.version)
         self.core.config_version = snapshot.version
         self.core.secret = bytes.fromhex(snapshot.secret)
-        self.core.follower.follow(snapshot.weights, self.core.config)
+        self.core.follower.follow(snapshot.weights)
 
     async def follow_controller(self) -> None:
         while True:

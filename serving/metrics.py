@@ -13,10 +13,10 @@ Where the samples go is a backend, passed in:
   read from ray 2.60's source and checked on a live agent: Ray prefixes every name with `ray_`
   (`serving_requests_total` is scraped as `ray_serving_requests_total`), adds the labels `deployment`,
   `replica` and `application` (and Ray's own `NodeAddress`, `WorkerId`, ...), so every query
-  aggregates across replicas (`sum by`; `max by` for the canary weight, which every replica mirrors
-  from the controller), and exports every `metrics_report_interval_ms` (10 s by default; 1 s for a Ray that
-  `serving serve` starts). The metrics must be created in the replica's constructor, where Serve's
-  replica context exists, or its labels are missing.
+  aggregates across replicas (`sum by`; `max by` for the controller's gauges, where a restarted
+  controller's last sample may linger), and exports every `metrics_report_interval_ms` (10 s by
+  default; 1 s for a Ray that `serving serve` starts). The metrics must be created in the replica's
+  constructor, where Serve's replica context exists, or its labels are missing.
 - `InMemory` (unit tests, benchmarks of the router alone): a prometheus_client registry holding the
   same names as Prometheus scrapes them (`ray_` prefix included, Serve's labels not), read with
   `sample(metrics, name, labels)`.
@@ -256,12 +256,6 @@ class Metrics:
             "Shadow requests dropped instead of queued",
             ("tier", "reason"),
         )
-        # max by (tier, candidate) (ray_serving_canary_weight_percent)
-        self.canary_weight = backend.gauge(
-            "serving_canary_weight_percent",
-            "Live canary weight of the tier's candidate",
-            ("tier", "candidate"),
-        )
 
 
 class ActorExport(RayExport):
@@ -304,6 +298,12 @@ class ControllerMetrics:
             "serving_rollout_phase",
             "1 for the tier's current rollout phase, 0 for the others",
             ("tier", "phase"),
+        )
+        # max by (tier, candidate) (ray_serving_canary_weight_percent)   (max: as for the phase)
+        self.canary_weight = backend.gauge(
+            "serving_canary_weight_percent",
+            "Live canary weight of the tier's candidate: what the routers are told (0 while rolled back or held)",
+            ("tier", "candidate"),
         )
         # max(ray_serving_rollout_fail_safe) == 1   (page: canaries are held at 0 until an operator applies a config)
         self.rollout_fail_safe = backend.gauge(

@@ -88,7 +88,7 @@ class RouterCore:
             tracer=self.tracer,
         )
         # The rollout, as this replica sees it: live weights, signals for the controller, feedback votes.
-        self.follower = Follower(self.metrics, controller)
+        self.follower = Follower(controller)
         self.feedback_limit = RateLimit(config.limits.feedback_per_minute)
         self.quotas = KeyQuotas(config.limits)  # requests and tokens per minute, per key
         # From the controller, shared by every router replica: keys the sticky split and signs response ids.
@@ -121,11 +121,11 @@ class RouterCore:
         self.start_series(config)
 
     def start_series(self, config: Config) -> None:
-        """Gives each tier's dropped-shadow counters a first sample: a zero is data; an absent series is not."""
+        """Gives each tier's dropped-shadow counters a first sample: a zero is data; an absent series is not.
+        Every router exports them from its start, before any traffic (what ServingRouterMetricsAbsent reads)."""
         for name in config.tiers:
             for reason in ("saturated", "failed"):
                 self.metrics.shadow_dropped.labels(name, reason).inc(0)
-        self.follower.publish_weights(config)
 
     def signing_keys(self) -> list[bytes]:
         """The key that signs response ids first; ids signed before the controller's secret arrived still verify."""

@@ -4,6 +4,10 @@ loadtests/soak.py; the caller is connected to the stack's Ray cluster (`ray.init
 
 from __future__ import annotations
 
+from typing import Any
+
+from tests.polling import poll_until
+
 
 def replicas(deployment: str) -> set[tuple[str, str]]:
     """The live replicas of a Serve deployment of the stack's application, as (namespace, actor name):
@@ -21,15 +25,26 @@ def replicas(deployment: str) -> set[tuple[str, str]]:
     return found
 
 
-def kill_replica(deployment: str) -> None:
-    """Kills one replica of a deployment through Ray's API (by its actor handle, never by process name);
-    Serve starts a new one."""
+def replica(deployment: str) -> Any:
+    """One live replica of a deployment, as its actor handle (waiting for one while Serve restarts it).
+    Looking it up takes a while on a busy machine (a listing of every named actor): a test that must kill
+    at a given moment looks it up beforehand and calls `kill`."""
     import ray
 
-    found = sorted(replicas(deployment))
-    assert found, f"no replica of {deployment}: {ray.util.list_named_actors(all_namespaces=True)}"
-    namespace, name = found[0]
-    ray.kill(ray.get_actor(name, namespace=namespace), no_restart=False)
+    namespace, name = sorted(poll_until(lambda: replicas(deployment), f"a replica of {deployment}"))[0]
+    return ray.get_actor(name, namespace=namespace)
+
+
+def kill(handle: Any) -> None:
+    """Kills a replica (its handle from `replica`) through Ray's API; Serve starts a new one."""
+    import ray
+
+    ray.kill(handle, no_restart=False)
+
+
+def kill_replica(deployment: str) -> None:
+    """Kills one replica of a deployment through Ray's API (by its actor handle, never by process name)."""
+    kill(replica(deployment))
 
 
 def kill_controller() -> None:

@@ -92,7 +92,8 @@ def variables() -> list[dashboard_builders.DatasourceVariable | dashboard_builde
     found: list[dashboard_builders.DatasourceVariable | dashboard_builders.QueryVariable] = [
         dashboard_builders.DatasourceVariable("datasource").label("Prometheus").type("prometheus")
     ]
-    # Tiers come from the canary weight, which every router sets at start-up: the list fills before traffic.
+    # Tiers come from the canary weight, which the rollout controller sets when it starts: the list fills before
+    # traffic.
     sources = (
         ("tier", "Tier", "ray_serving_canary_weight_percent"),
         ("variant", "Variant", "ray_serving_requests_total"),

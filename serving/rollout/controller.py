@@ -149,6 +149,7 @@ class Rollout:
         self.votes: OrderedDict[str, float] = OrderedDict()  # response id -> when its vote was taken
         self.batches: OrderedDict[str, None] = OrderedDict()  # signal batches taken (serving.rollout.follower)
         self.window_saved_at = self.clock()
+        self.published_weights: set[tuple[str, str]] = set()  # (tier, candidate) series of the weight gauge
         self.resume_window()
         self.apply_tiers(config, first=True)
 
@@ -218,6 +219,18 @@ class Rollout:
             for check in checks.CHECKS:
                 self.metrics.rollbacks.labels(name, check).inc(0)
         self.metrics.rollout_fail_safe.set(1 if "fail_safe" in self.state else 0)
+        self.publish_weights()
+
+    def publish_weights(self) -> None:
+        """The live canary weights, once for all routers. A tier that lost its candidate (or the tier itself)
+        keeps its last series, at 0: a gauge's series cannot be removed, and a stale weight would read as live."""
+        live = self.weights()
+        current = {(name, tier.candidate or "none"): live[name] for name, tier in self.config.tiers.items()}
+        for labels in self.published_weights - current.keys():
+            self.metrics.canary_weight.labels(*labels).set(0)
+        for labels, weight in current.items():
+            self.metrics.canary_weight.labels(*labels).set(weight)
+        self.published_weights |= current.keys()
 
     def weights(self) -> dict[str, float]:
         live = {}

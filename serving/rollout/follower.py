@@ -22,7 +22,6 @@ from typing import Any, Protocol
 
 from serving.config import Config
 from serving.errors import Unavailable
-from serving.metrics import Metrics
 from serving.rollout.signals import Signal, Snapshot
 
 logger = logging.getLogger("serving.rollout")
@@ -64,8 +63,7 @@ class Votes:
 
 
 class Follower:
-    def __init__(self, metrics: Metrics, controller: ControllerLink | None = None) -> None:
-        self.metrics = metrics
+    def __init__(self, controller: ControllerLink | None = None) -> None:
         self.controller = controller
         # None (no controller) means the config's weights. With one, candidates get no traffic until it
         # answers: a restarted router must never bring back a weight that the controller rolled back.
@@ -82,10 +80,6 @@ class Follower:
         if self.live_weights is None:
             return config.tiers[tier].weight
         return self.live_weights.get(tier, 0.0)
-
-    def publish_weights(self, config: Config) -> None:
-        for name, tier in config.tiers.items():
-            self.metrics.canary_weight.labels(name, tier.candidate or "none").set(self.weight(config, name))
 
     def record(self, signal: Signal) -> None:
         self.signals.append(signal)
@@ -114,14 +108,14 @@ class Follower:
         return status
 
     # -- what the controller tells -------------------------------------------------------------------
-    def follow(self, weights: dict[str, float], config: Config) -> None:
-        """Takes the controller's live weights (its phases and rollbacks are its own metrics, emitted once)."""
+    def follow(self, weights: dict[str, float]) -> None:
+        """Takes the controller's live weights (the weights, phases and rollbacks are its own metrics, emitted
+        once by it)."""
         now = time.time()
         for tier, weight in weights.items():
             if self.live_weights is None or self.live_weights.get(tier) != weight:
                 self.weights_changed_at[tier] = now
         self.live_weights = dict(weights)
-        self.publish_weights(config)
 
     async def deliver(self) -> int:
         """Sends the pending signals, one batch at a time, each until acknowledged; returns how many the

@@ -4,6 +4,7 @@ replicas, because nothing in a replica may assume it is the only one (metrics, f
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -214,3 +215,15 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         process.terminate()
         process.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def ray_driver() -> Iterator[None]:
+    """This process attached to the stack's Ray cluster as a driver, for the tests that act through Ray's API."""
+    import ray
+
+    from serving.rollout.controller import NAMESPACE
+
+    ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()

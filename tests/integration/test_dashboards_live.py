@@ -1,9 +1,9 @@
 """Every panel of every committed dashboard, on real data: after traffic through the real stack (shadowed,
 a routing override, a feedback override, a rejected request, a burst, an automatic rollback of the awq
-candidate and a promotion of int8), each panel's every query runs against the real Prometheus over the
-test's time range, as Grafana would send it, and none may fail or come back empty; nor may an annotation
-mark no event. Every alert rule's expression evaluates, and every series an alert reads exists (but an
-engine failure's, see UNTRIGGERED_SERIES).
+candidate, an engine replica killed mid-answer and a promotion of int8), each panel's every query runs
+against the real Prometheus over the test's time range, as Grafana would send it, and none may fail or come
+back empty; nor may an annotation mark no event. Every alert rule's expression evaluates, and every series
+an alert reads exists.
 
 With SERVING_PREVIEWS_DIR set, the previews drawn from this run are written there (deploy/grafana/previews/
 holds the committed ones, from this test)."""
@@ -24,15 +24,14 @@ import pytest
 import yaml
 
 from serving.dashboards import build, preview
+from tests.chaos import kill, replica
 from tests.integration.conftest import BASE, REPO, Stack, apply_config
+from tests.polling import poll_until
 
 pytestmark = pytest.mark.integration
 
 ADMIN = {"authorization": "Bearer demo-admin"}
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
-# Series born at an event this test does not cause: an engine failure (the stack's engines stay up for the
-# other tests). The dashboards draw errors as `... or 0 * answered` so their panels show a zero instead.
-UNTRIGGERED_SERIES = {'ray_serving_requests_total{role="primary", outcome="error"}'}
 
 
 def client(key: str) -> openai.OpenAI:
@@ -99,6 +98,32 @@ def trigger_events() -> None:
         list(pool.map(lambda i: ask(standard, 10_000 + i, stream=True), range(24)))
 
 
+def fail_an_engine_mid_stream() -> None:
+    """A real engine failure: the awq replica is killed through Ray's API while it streams a long answer. Rolled
+    back by now, awq gets only this pinned request, and Serve starts a new replica while the test goes on (about
+    25 s here; the test waits for it at the end). The client sees the router's error event, and the router
+    counts an error of awq."""
+    engine = replica("variant-awq")  # looked up first: the kill must land within the answer (~3 s of tokens)
+    stream = client("demo-admin").chat.completions.create(
+        model="demo-chat",
+        messages=[{"role": "user", "content": "cut short"}],
+        max_tokens=500,
+        extra_body={"min_tokens": 500},
+        extra_headers={"x-variant": "awq"},
+        stream=True,
+    )
+    chunks = iter(stream)
+    next(chunks)  # the engine is generating
+    kill(engine)
+    with pytest.raises(openai.APIError, match="failed during the answer"):  # the router's error event
+        list(chunks)
+
+
+def ready() -> bool:
+    """Whether every variant generates (each router replica checks at most every 5 s)."""
+    return httpx.get(f"{BASE}/ready", timeout=60).status_code == 200
+
+
 def drive_until_the_noise_floor_disagrees(prometheus: str, timeout_s: float) -> None:
     """A variant paired with itself disagrees only when sampling is random: sampled answers (temperature 1)
     on the batch tier, which is rolled back, so no judgement can change, until one noise-floor comparison
@@ -132,7 +157,9 @@ def alert_selectors(expr: str) -> list[str]:
     return [m.group(0) for m in re.finditer(r"\b(?:ray_[a-z_]+|up)\b(?:\{[^}]*\})?", expr)]
 
 
-def test_every_dashboard_query_and_alert_expression_returns_data(stack: Stack, prometheus: str, tmp_path: Path) -> None:
+def test_every_dashboard_query_and_alert_expression_returns_data(
+    stack: Stack, prometheus: str, ray_driver: None, tmp_path: Path
+) -> None:
     start = time.time()
     # A changed tier config starts a fresh judgement, with every answer shadowed and rollback on.
     settings = {"shadow_rate": 1.0, "rollback": True, "batch_weight": 50.7}
@@ -140,6 +167,7 @@ def test_every_dashboard_query_and_alert_expression_returns_data(stack: Stack, p
     try:
         drive_until_the_batch_candidate_rolls_back(timeout_s=180)
         trigger_events()
+        fail_an_engine_mid_stream()
         drive_until_the_noise_floor_disagrees(prometheus, timeout_s=90)
         # A promotion: the operator gives the standard tier's int8 all of its traffic (the batch tier is
         # unchanged, so it stays rolled back).
@@ -147,6 +175,7 @@ def test_every_dashboard_query_and_alert_expression_returns_data(stack: Stack, p
         wait_for_scrape(prometheus, 'ray_serving_rollout_phase{tier="standard", phase="promoted"} == 1')
         wait_for_scrape(prometheus, 'ray_serving_overrides_total{kind="feedback"}')
         wait_for_scrape(prometheus, 'ray_serving_requests_total{outcome="rejected"}')
+        wait_for_scrape(prometheus, 'ray_serving_requests_total{variant="awq", role="primary", outcome="error"}')
         wait_for_scrape(prometheus, 'ray_serving_rollout_phase{tier="batch", phase="rolled_back"} == 1')
         time.sleep(3)  # the burst's last answers and shadows are exported and scraped too
         end = time.time()
@@ -170,9 +199,10 @@ def test_every_dashboard_query_and_alert_expression_returns_data(stack: Stack, p
                 problems += [
                     f"alert {rule['alert']}: no series {selector}"
                     for selector in alert_selectors(rule["expr"])
-                    if selector not in UNTRIGGERED_SERIES and not instant(prometheus, selector)
+                    if not instant(prometheus, selector)
                 ]
         assert problems == []
     finally:
+        poll_until(ready, "the killed awq replica back and every engine ready", timeout_s=300)
         assert apply_config(stack).returncode == 0  # the demo weights: a changed tier re-enables awq
         assert batch_phase() == "progressing"

@@ -33,8 +33,8 @@ CONTRACT = [
     "ray_serving_overrides_total",
     "ray_serving_feedback_total",
     "ray_serving_shadow_dropped_total",
-    "ray_serving_canary_weight_percent",
     # The rollout controller's own, emitted once by it (not by the routers); its counters start at 0.
+    "ray_serving_canary_weight_percent",
     "ray_serving_rollout_fail_safe",
     "ray_serving_rollout_last_evaluation_timestamp_seconds",
     "ray_serving_rollout_phase",
@@ -83,6 +83,10 @@ def test_prometheus_scrapes_every_metric_of_the_contract(stack: Stack, prometheu
         return [name for name in CONTRACT if not query(prometheus, name)]
 
     poll_until(lambda: not missing(), "every metric of the contract in Prometheus", timeout_s=90, interval_s=2)
+    # The canary weight is the rollout controller's, published once, not mirrored by every router replica
+    # (whose own series carry Serve's deployment label).
+    assert query(prometheus, 'ray_serving_shadow_dropped_total{deployment="Router"}')
+    assert query(prometheus, 'ray_serving_canary_weight_percent{deployment="Router"}') == []
     assert query(prometheus, 'up{job="serving"} == 1')
     kinds = {r["metric"]["kind"] for r in query(prometheus, "ray_serving_overrides_total")}  # type: ignore[index]
     assert kinds >= {"routing", "feedback"}

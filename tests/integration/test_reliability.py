@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import logging
 import os
 import statistics
 import subprocess
@@ -17,7 +16,7 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -400,17 +399,6 @@ def ready() -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def ray_driver() -> Iterator[None]:
-    import ray
-
-    from serving.rollout.controller import NAMESPACE
-
-    ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
-
-
 def by_fate(outcomes: Sequence[Outcome]) -> list[str]:
     """Each request as RELIABILITY.md's table counts it: its status, and who answered a 200."""
     return [
@@ -430,7 +418,7 @@ def test_an_engine_replica_killed_under_load_gives_fallbacks_or_clear_503s_and_c
     replica under load shows both faults at once. Standard's requests routed to int8 are answered by fp16
     (counted); batch's routed to int8 get a clear 503 (its baseline is down); nothing hangs; the replica
     comes back and answers again."""
-    from tests.integration.test_rollback import kill_replica, replicas
+    from tests.chaos import kill_replica, replicas
 
     fallback = {"variant": "int8", "tier": "standard", "kind": "fallback"}
     before = exported("ray_serving_overrides_total", **fallback)

@@ -9,7 +9,6 @@ after it, one behaviour each; they run in file order, and the last ones restore 
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 import threading
@@ -150,17 +149,6 @@ class Judged:
     saved: int  # int8's comparisons saved in the window when the controller was killed
     resumed: int  # those its restarted run judged first
     outcomes: Counter[int]
-
-
-@pytest.fixture(scope="module")
-def ray_driver() -> Iterator[None]:
-    import ray
-
-    from serving.rollout.controller import NAMESPACE
-
-    ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Hostile and careless clients against the real router code (real vLLM request models, fake engines):
 malformed bodies, limits passed as strings, floats or batches, server-only fields, repeated feedback,
-and a stream that breaks after its 200 went out."""
+a replica dead before its first byte, and a stream that breaks after its 200 went out."""
 
 from __future__ import annotations
 
@@ -247,6 +247,22 @@ async def test_a_stream_cut_by_an_engine_failure_ends_with_an_error_event_and_is
     assert metric_sample(core.metrics, "ray_serving_requests_total", {**labels, "outcome": "ok"}) is None
     (signal,) = [s for s in core.follower.signals if isinstance(s, RequestSignal)]
     assert signal.ok is False  # the error-rate check sees it
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_replica_dead_before_the_first_byte_is_a_503_counted_as_the_variants_error(
+    client: httpx.AsyncClient, core: RouterCore, stream: bool
+) -> None:
+    core.variants["fp16"] = FakeVariant("fp16", fail=RuntimeError("replica died"))
+    answer = await client.post("/v1/chat/completions", json={**CHAT, "stream": stream}, headers=PREMIUM)
+    assert answer.status_code == 503  # nothing went out yet: a status a client retries on
+    error = answer.json()["error"]
+    assert (error["code"], error["type"]) == ("variant_unavailable", "service_unavailable")
+    assert "replica died" not in answer.text
+    labels = {"variant": "fp16", "tier": "premium", "role": "primary", "outcome": "error"}
+    assert metric_sample(core.metrics, "ray_serving_requests_total", labels) == 1
+    (signal,) = [s for s in core.follower.signals if isinstance(s, RequestSignal)]
+    assert (signal.variant, signal.ok) == ("fp16", False)  # the error-rate check sees it
 
 
 async def test_an_engine_error_event_in_a_stream_is_counted_as_an_error(

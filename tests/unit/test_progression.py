@@ -57,11 +57,13 @@ def test_a_passing_candidate_steps_up_to_max_weight_then_is_promoted(tmp_path: P
     clock.now += 30
     assert rollout.evaluate() == []
     assert rollout.weights()["standard"] == 10.0  # not a whole interval yet
-    seen = []
+    seen, published = [], []
+    labels = {"tier": "standard", "candidate": "int8"}
     for _ in range(3):
         passing_interval(rollout, clock)
         seen.append(rollout.weights()["standard"])
-    assert seen == [30.0, 50.0, 100.0]
+        published.append(metric_sample(rollout.metrics, "ray_serving_canary_weight_percent", labels))
+    assert seen == published == [30.0, 50.0, 100.0]  # each step in the controller's weight gauge
     tier = rollout.status().tiers["standard"]
     assert tier.phase == "promoted"
     assert tier.next_step is None

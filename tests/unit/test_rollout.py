@@ -397,3 +397,21 @@ def test_the_controller_counts_rollbacks_and_promotions_once_in_its_own_metrics(
     assert metric_sample(metrics, "ray_serving_promotions_total", {"tier": "standard"}) == 1
     assert metric_sample(metrics, "ray_serving_rollout_phase", {"tier": "standard", "phase": "promoted"}) == 1
     assert metric_sample(metrics, "ray_serving_rollout_fail_safe") == 0
+
+
+def test_the_controller_publishes_the_live_weights_once_for_every_router(tmp_path: Path) -> None:
+    rollout = Rollout(demo_config(tmp_path), Clock())
+
+    def published(tier: str, candidate: str) -> float | None:
+        labels = {"tier": tier, "candidate": candidate}
+        return metric_sample(rollout.metrics, "ray_serving_canary_weight_percent", labels)
+
+    assert (published("batch", "awq"), published("standard", "int8"), published("premium", "none")) == (50, 50, 0)
+    rollout.report(awq_signals(30))
+    assert rollout.evaluate() == ["batch"]
+    assert published("batch", "awq") == 0  # what every router is told from now on
+    # A tier given another candidate: the old candidate's series goes to 0, not a stale weight that reads as live.
+    tiers = dict(rollout.config.tiers)
+    tiers["standard"] = tiers["standard"].model_copy(update={"candidate": "awq", "weight": 20.0})
+    rollout.apply(rollout.config.model_copy(update={"tiers": tiers}))
+    assert (published("standard", "int8"), published("standard", "awq")) == (0, 20)
