@@ -27,7 +27,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import BASE, METRICS_PORT, METRICS_URL, PORT, Stack, apply_config
+from tests.integration.conftest import BASE, METRICS_PORT, METRICS_URL, PORT, Configure, Stack, apply_config
 from tests.polling import poll_until, poll_until_async
 
 pytestmark = pytest.mark.integration
@@ -493,3 +493,172 @@ def test_a_full_engine_queue_gives_a_fast_503_with_retry_after(stack: Stack) -> 
     assert len(answered) >= 64  # the engine's own slots at least
     # Fast: refused on arrival, not after waiting in a queue behind the answers.
     assert statistics.median(refused) < statistics.median(answered) / 2, (refused, answered)
+
+
+# -- graceful drain: streams in flight while `serving apply` changes the weights --
+
+# New streams keep starting, one every DRAIN_EVERY_S, from before the apply until after every router replica
+# runs the new config, so some stream is in flight across the switch however long the apply takes (a fixed
+# batch started before it could all end first: the apply, a Python process joining Ray, is slow on 2 cores).
+DRAIN_TOKENS = 384  # under the demo's max_tokens (512); seconds per stream on 2 loaded cores
+DRAIN_EVERY_S = 0.4
+DRAIN_KEYS = ("demo-standard", "demo-batch")  # ordinary keys: both split tiers, both sides of each split
+CONSECUTIVE = 10  # /health answers in a row on the new version: both router replicas answered (the proxy picks)
+
+
+@dataclass
+class Stream:
+    """One streamed answer: when it started and ended, and whether it ended whole."""
+
+    key: str
+    started: float
+    ended: float = 0.0
+    status: int | str = 0
+    code: str | None = None
+    done: bool = False  # `data: [DONE]` arrived
+    error: str | None = None  # an error event in the stream
+    tokens: int | None = None  # completion_tokens of the usage chunk
+
+    def fate(self) -> str:
+        """As RELIABILITY.md's table counts it; "200 whole" is the only complete answer."""
+        if self.status != 200:
+            return f"{self.status} {self.code}" if self.code else f"{self.status} (lost)"
+        if self.done and self.error is None and self.tokens == DRAIN_TOKENS:
+            return "200 whole"
+        return f"200 broken (done={self.done}, error={self.error}, tokens={self.tokens}) (lost)"
+
+
+async def stream_once(http: httpx.AsyncClient, key: str, n: int) -> Stream:
+    body = {
+        **COMPLETION,
+        "prompt": "Once upon a time",
+        "max_tokens": DRAIN_TOKENS,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "user": f"drain-{key}-{n}",
+    }
+    found = Stream(key, time.monotonic())
+    try:
+        async with http.stream("POST", "/v1/completions", json=body, headers={"authorization": f"Bearer {key}"}) as r:
+            found.status = r.status_code
+            if r.status_code != 200:
+                try:
+                    error = json.loads(await r.aread())["error"]
+                    if set(error) == {"message", "type", "param", "code"}:
+                        found.code = str(error["code"])
+                except (ValueError, KeyError, TypeError):
+                    pass  # not the OpenAI shape: counted lost
+            else:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if line == "data: [DONE]":
+                        found.done = True
+                        continue
+                    chunk = json.loads(line.removeprefix("data: "))
+                    if "error" in chunk:
+                        found.error = str(chunk["error"])
+                    elif chunk.get("usage"):
+                        found.tokens = chunk["usage"]["completion_tokens"]
+    except httpx.HTTPError as exc:  # no answer, or a stream cut short: lost
+        found.status = type(exc).__name__
+    found.ended = time.monotonic()
+    return found
+
+
+class Streams:
+    """Starts a stream every DRAIN_EVERY_S (keys in turn) and polls /health, from an event loop in a thread of
+    its own, until stopped; then waits for every stream to end."""
+
+    def __init__(self) -> None:
+        self.streams: list[Stream] = []
+        self.versions: list[tuple[float, int]] = []  # (when, the config version a router replica answered)
+        self.stopping = threading.Event()
+        self.failure: BaseException | None = None
+        self.thread = threading.Thread(target=self.main, daemon=True)
+
+    def main(self) -> None:
+        try:
+            asyncio.run(self.run())
+        except BaseException as exc:  # raised in the test's thread, by stop()
+            self.failure = exc
+
+    async def run(self) -> None:
+        async def health(http: httpx.AsyncClient) -> None:
+            while not self.stopping.is_set():
+                version = (await http.get("/health")).json()["config_version"]
+                self.versions.append((time.monotonic(), version))
+                await asyncio.sleep(0.1)
+
+        async def keep(task: asyncio.Task[Stream]) -> None:
+            self.streams.append(await task)
+
+        # Far above a stream's length: a stream that runs into it hung, and is counted lost.
+        async with httpx.AsyncClient(base_url=BASE, timeout=120) as http:
+            tasks = [asyncio.create_task(health(http))]
+            for n in itertools.count():
+                if self.stopping.is_set():
+                    break
+                key = DRAIN_KEYS[n % len(DRAIN_KEYS)]
+                tasks.append(asyncio.create_task(keep(asyncio.create_task(stream_once(http, key, n)))))
+                await asyncio.sleep(DRAIN_EVERY_S)
+            await asyncio.gather(*tasks)
+
+    def __enter__(self) -> Streams:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=180)
+        assert not self.thread.is_alive(), "a stream hung"
+        if self.failure is not None:
+            raise self.failure
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.stopping.is_set():
+            self.stopping.set()
+            self.thread.join(timeout=180)
+
+
+def every_router_runs(version: int) -> Callable[[], bool]:
+    answers: list[int] = []
+
+    def check() -> bool:
+        answers.append(httpx.get(f"{BASE}/health", timeout=5).json()["config_version"])
+        return len(answers) >= CONSECUTIVE and min(answers[-CONSECUTIVE:]) >= version
+
+    return check
+
+
+def test_streams_in_flight_across_a_weights_apply_all_end_whole(stack: Stack, configure: Configure) -> None:
+    before = httpx.get(f"{BASE}/health", timeout=5).json()["config_version"]
+    with Streams() as load:
+        poll_until(lambda: len(load.streams) >= 2, "the first streams to end", timeout_s=60, interval_s=0.2)
+        applying = time.monotonic()
+        configure(standard_weight=90.0, batch_weight=10.0)
+        version = httpx.get(f"{BASE}/health", timeout=5).json()["config_version"]
+        assert version > before
+        poll_until(every_router_runs(version), "every router replica to run the new config", interval_s=0.1)
+        switched = time.monotonic()  # every router replica runs the new config from here on
+        load.stop()
+    # The last moment a router replica was seen on the old config: a stream started before it and ended after
+    # `switched` was in flight while that replica switched.
+    old_seen = max(t for t, v in load.versions if v < version)
+    across = [s for s in load.streams if s.started < old_seen and s.ended > switched]
+    fates = [s.fate() for s in load.streams]
+    record(
+        f"streams of {DRAIN_TOKENS} tokens, one every {DRAIN_EVERY_S} s (standard and batch keys), across "
+        f"`serving apply` of new weights ({time.monotonic() - applying:.0f} s to every router replica); "
+        f"{len(across)} in flight across the switch, all whole",
+        fates,
+    )
+    lost = [f for f in fates if f.endswith("(lost)")]
+    assert not lost, Counter(fates)
+    assert across, (
+        f"no stream was in flight across the switch: old config last seen {old_seen - applying:.1f} s after the "
+        f"apply began, every router on it {switched - applying:.1f} s after; streams "
+        f"{[(round(s.started - applying, 1), round(s.ended - applying, 1)) for s in load.streams]}"
+    )
+    assert all(s.fate() == "200 whole" for s in across), [s.fate() for s in across]
