@@ -1,7 +1,8 @@
-"""Hostile input, per-key overload, impatient clients and exposed ports, tried on the real stack (Ray Serve's
-proxy, two router replicas, three vLLM engines). Every request gets a complete answer or a clear error:
-none is lost. With SERVING_RELIABILITY_TABLE set to a path, each case's row (what was tried, requests sent,
-answered, refused with which status, lost) is appended there as a JSON line: RELIABILITY.md is that table.
+"""Hostile input, per-key overload, impatient clients, exposed ports, faults and a config apply with streams in
+flight, tried on the real stack (Ray Serve's proxy, two router replicas, three vLLM engines). Every request
+gets a complete answer or a clear error: none is lost. With SERVING_RELIABILITY_TABLE set to a path, each
+case's row (what was tried, requests sent, answered, refused with which status, lost) is appended there as a
+JSON line: RELIABILITY.md is that table.
 """
 
 from __future__ import annotations
