@@ -1,7 +1,8 @@
 """The soak run: minutes of mixed traffic on every tier of the demo stack, with one engine replica killed and
 one rollout-controller restart in between, and a verdict on what the rollout must do through both.
 
-    .venv/bin/python loadtests/soak.py [--minutes 20] [--out results/loadtests/soak-NAME] [--family-dir models/tiny]
+    .venv/bin/python loadtests/soak.py [--minutes 20] [--twin] [--out results/loadtests/soak-NAME]
+        [--family-dir models/tiny]
 
 It starts `serving serve` on the tiny family as `scenarios.py` does (deploy/tiny.yaml, rollback on, every
 batch answer shadowed), with the batch tier's awq candidate at weight 50 from the start and half the standard
@@ -16,6 +17,13 @@ The verdict (last line printed, and the exit code: 0 pass, 1 fail) holds three t
 - no request was lost: each one is a complete answer (a 200 whose stream ended with its usage chunk) or a
   clear error (an HTTP error status, or an error event in the stream), never a dropped connection, a
   timeout or a stream cut short.
+
+With `--twin` the standard tier's candidate is `fp16-twin`, a second engine serving the very same fp16 weights
+as the baseline (int8, then needed by no tier, is left out and batch's baseline is fp16): nothing separates
+the two but chance and cold starts, so any rollback of the twin is a false one. The twin's replica is also
+killed, at half the run, so its cold start falls inside the judged window. The verdict then asks that awq
+was rolled back, that the twin was never rolled back and was judged by a latency check (TTFT or TPOT with
+enough samples), and that no request was lost.
 
 Under `--out`: requests.jsonl and events.jsonl (the kills, the controller's rollbacks and every replica start
 it saw), summary.md (with the verdict) and latency.png, as `scenarios.py` writes them.
@@ -47,30 +55,51 @@ from tests.chaos import kill_controller, kill_replica
 
 SCENARIO = "soak"
 KILLED = "variant-fp16"  # the baseline of premium and standard, and the shadows' target: the hardest to lose
+TWIN = "fp16-twin"  # with --twin: standard's candidate, the fp16 weights in an engine of their own
+CONTROLLER = "controller"
+LATENCY_CHECKS = ("ttft_ratio", "tpot_ratio")
 
 
-def soak_config(family_dir: Path, state_dir: Path) -> dict[str, Any]:
+def soak_config(family_dir: Path, state_dir: Path, twin: bool = False) -> dict[str, Any]:
     config = run_config(family_dir, state_dir)
     config["tiers"]["batch"]["weight"] = 50.0
     config["tiers"]["standard"]["shadow"]["rate"] = 0.5
+    if twin:
+        # Three engines as without --twin: int8 would serve no tier, so it makes room for the twin.
+        variants = config["variants"]
+        config["variants"] = {"fp16": variants["fp16"], TWIN: dict(variants["fp16"]), "awq": variants["awq"]}
+        config["tiers"]["standard"]["candidate"] = TWIN
+        config["tiers"]["batch"]["baseline"] = "fp16"
     return config
 
 
+def chaos_plan(twin: bool = False) -> list[tuple[float, str]]:
+    """What is killed, at which fraction of the run: a replica's deployment, or the controller. With --twin
+    the twin's replica too, so that the candidate's own cold start is in the window."""
+    twin_kill = [(1 / 2, f"variant-{TWIN}")] if twin else []
+    return [(1 / 3, KILLED), *twin_kill, (2 / 3, CONTROLLER)]
+
+
 class Soak(Run):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, twin: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.twin = twin
         self.started_at = time.time()
         self.seen: set[tuple[str, float]] = set()  # (kind, controller time) of events already written
         self.status: dict[str, Any] = {}
 
     async def chaos(self, seconds: float) -> None:
-        """The fp16 replica killed at a third of the run, the controller at two thirds."""
-        await asyncio.sleep(seconds / 3)
-        await asyncio.to_thread(kill_replica, KILLED)
-        self.event("kill", f"one {KILLED} replica (Ray's API)")
-        await asyncio.sleep(seconds / 3)
-        await asyncio.to_thread(kill_controller)
-        self.event("kill", "the rollout controller (Ray's API); Ray restarts it")
+        """The fp16 replica killed at a third of the run (with --twin the twin's at half), the controller at
+        two thirds."""
+        began = time.monotonic()
+        for fraction, target in chaos_plan(self.twin):
+            await asyncio.sleep(max(0.0, began + fraction * seconds - time.monotonic()))
+            if target == CONTROLLER:
+                await asyncio.to_thread(kill_controller)
+                self.event("kill", "the rollout controller (Ray's API); Ray restarts it")
+            else:
+                await asyncio.to_thread(kill_replica, target)
+                self.event("kill", f"one {target} replica (Ray's API)")
 
     async def watch(self, seconds: float) -> None:
         """Polls the rollout status (failures while the controller restarts are expected) and writes down, at
@@ -123,7 +152,11 @@ def outcome(request: dict[str, Any]) -> str:
     return "lost"  # a dropped connection, a timeout: the client cannot tell what happened
 
 
-def verdict(status: dict[str, Any], requests: list[dict[str, Any]], since: float) -> tuple[bool, str]:
+def verdict(
+    status: dict[str, Any], requests: list[dict[str, Any]], since: float, twin: bool = False
+) -> tuple[bool, str]:
+    """With `twin`, standard's candidate (the baseline's own weights) must have been judged on latency."""
+    candidate = TWIN if twin else "int8"
     batch, standard = status["tiers"]["batch"], status["tiers"]["standard"]
     rollbacks = {
         tier: [
@@ -132,7 +165,11 @@ def verdict(status: dict[str, Any], requests: list[dict[str, Any]], since: float
         for tier in ("batch", "standard")
     }
     awq = [e for e in rollbacks["batch"] if e["candidate"] == "awq"]
-    judged = [f"{c['check']} n={c['samples']}" for c in standard["checks"] if c["value"] is not None]
+    judged = [
+        f"{c['check']} n={c['samples']}"
+        for c in standard["checks"]
+        if c["value"] is not None and (not twin or c["check"] in LATENCY_CHECKS)
+    ]
     outcomes = Counter(outcome(r) for r in requests)
     errors = Counter(str(r["status"]) for r in requests if outcome(r) == "error")
     parts = [
@@ -142,8 +179,8 @@ def verdict(status: dict[str, Any], requests: list[dict[str, Any]], since: float
         ),
         (
             not rollbacks["standard"] and bool(judged),
-            f"int8 on standard {'ROLLED BACK' if rollbacks['standard'] else 'never rolled back'}"
-            f" ({'judged: ' + ', '.join(judged) if judged else 'NEVER JUDGED'})",
+            f"{candidate} on standard {'ROLLED BACK' if rollbacks['standard'] else 'never rolled back'}"
+            f" ({'judged: ' + ', '.join(judged) if judged else 'NEVER JUDGED' + (' ON LATENCY' if twin else '')})",
         ),
         (
             outcomes["lost"] == 0,
@@ -162,15 +199,18 @@ def main() -> int:
     parser.add_argument("--max-requests", type=int, default=100_000, help="a bound, not a target")
     parser.add_argument("--family-dir", type=Path, default=REPO / "models/tiny")
     parser.add_argument("--out", type=Path, help="default: results/loadtests/soak-<UTC time>")
+    parser.add_argument(
+        "--twin", action="store_true", help="standard's candidate serves the baseline's own fp16 weights (not int8)"
+    )
     args = parser.parse_args()
     out: Path = args.out or REPO / "results" / "loadtests" / f"soak-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)
     state = Path(tempfile.mkdtemp(prefix="soak-state-"))
-    config = soak_config(args.family_dir, state)
+    config = soak_config(args.family_dir, state, args.twin)
     config_path = state / "config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     stack = start([sys.executable, "-m", "serving.cli", "serve", "--config", str(config_path)], out / "serve.log")
-    run = Soak(out, config_path, config, args.max_requests)
+    run = Soak(out, config_path, config, args.max_requests, twin=args.twin)
     import ray
 
     from serving.rollout.controller import NAMESPACE
@@ -185,7 +225,9 @@ def main() -> int:
         ray.shutdown()
         stop(stack)
     requests = loadreport.read(out / "requests.jsonl")
-    passed, line = verdict(run.status, requests, run.started_at) if run.status else (False, "VERDICT: FAIL: no status")
+    passed, line = (
+        verdict(run.status, requests, run.started_at, args.twin) if run.status else (False, "VERDICT: FAIL: no status")
+    )
     summary = loadreport.write(out)
     (out / "summary.md").write_text(f"{summary}\n{line}\n")
     print(summary)
