@@ -175,7 +175,8 @@ def test_a_failing_candidate_goes_to_zero_is_persisted_and_stays_rolled_back(tmp
     assert rollout.weights()["batch"] == 0.0
     assert rollout.weights()["standard"] == 50.0  # other tiers are untouched
     event = rollout.status().tiers["batch"].history[-1]
-    assert set(event["reasons"]) == {"disagreement", "score_drift"}
+    # 30 pairs that all disagree bound the rate from below at 0.82 (Wilson, z 2.576): under the tiny family's 0.9.
+    assert set(event["reasons"]) == {"score_drift"}
     assert event["values"]["score_drift"] == pytest.approx(0.15)
     assert event["thresholds"]["score_drift"] == 0.05
     assert event["samples"]["score_drift"] == 30
@@ -369,7 +370,7 @@ def test_rollbacks_and_phase_changes_are_logged_as_kubernetes_style_events(
     rollout.apply(demo_config(tmp_path, weight=100.0))
     events = [r.getMessage() for r in caplog.records if r.getMessage().startswith("event ")]
     assert any(
-        e.startswith("event type=Warning reason=RolledBack object=tier/batch message='awq 50% -> 0: disagreement")
+        e.startswith("event type=Warning reason=RolledBack object=tier/batch message='awq 50% -> 0: score_drift")
         for e in events
     ), events
     assert "event type=Normal reason=Promoted object=tier/batch message='awq at 100%'" in events
