@@ -19,6 +19,7 @@ import httpx
 import openai
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from serving.config import Config, EscalationConfig, KeyConfig, ProgressionConfig, hash_key, load_config
 from tests.polling import poll_until
@@ -227,3 +228,14 @@ def ray_driver() -> Iterator[None]:
     ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
     yield
     ray.shutdown()
+
+
+def exported(name: str, **labels: str) -> float:
+    """The sum of a metric's samples on this node's Ray metrics agent, over every process that reports."""
+    want = set(labels.items())
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(httpx.get(METRICS_URL, timeout=10).text)
+        for sample in family.samples
+        if sample.name == name and want <= set(sample.labels.items())
+    )

@@ -28,7 +28,16 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import BASE, METRICS_PORT, METRICS_URL, PORT, Configure, Stack, apply_config
+from tests.integration.conftest import (
+    BASE,
+    METRICS_PORT,
+    METRICS_URL,
+    PORT,
+    Configure,
+    Stack,
+    apply_config,
+    exported,
+)
 from tests.polling import poll_until, poll_until_async
 
 pytestmark = pytest.mark.integration
@@ -380,17 +389,6 @@ class Load:
         assert not self.thread.is_alive(), "a client hung"
         if self.failure is not None:
             raise self.failure
-
-
-def exported(name: str, **labels: str) -> float:
-    """The sum of a metric's samples on the node's Ray metrics agent (every router replica's)."""
-    want = set(labels.items())
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(httpx.get(METRICS_URL, timeout=10).text)
-        for sample in family.samples
-        if sample.name == name and want <= set(sample.labels.items())
-    )
 
 
 def ready() -> bool:

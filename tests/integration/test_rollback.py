@@ -22,11 +22,10 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from serving.config import ProgressionConfig
 from tests.chaos import kill_controller, kill_replica, replicas
-from tests.integration.conftest import BASE, METRICS_URL, Stack, apply_config, served_variants
+from tests.integration.conftest import BASE, Stack, apply_config, exported, served_variants
 from tests.polling import poll_until
 
 pytestmark = pytest.mark.integration
@@ -47,17 +46,6 @@ def rollout() -> dict[str, Any]:
 
 def batch_variants(users: range) -> set[str]:
     return served_variants("demo-batch", users, prefix="after")
-
-
-def exported(name: str, **labels: str) -> float:
-    """The sum of a metric's samples on this node's Ray metrics agent, over every process that reports."""
-    want = set(labels.items())
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(httpx.get(METRICS_URL, timeout=10).text)
-        for sample in family.samples
-        if sample.name == name and want <= set(sample.labels.items())
-    )
 
 
 def wait_until(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
