@@ -38,6 +38,12 @@ ASSIGN_TIMEOUT_S = 10.0
 # Retry-After, which says nothing of the variant's health). Seen on the real stack: 160 of 420 requests at once
 # failed as "unavailable" after 10 s in the queue, each counted as an error of a variant that was working.
 QUEUE_WAIT_S = 120.0
+# And a router none of whose calls the engine took (another router replica holds every slot) cannot tell busy
+# from missing by its own calls: before it calls the variant missing it asks Serve's controller whether the
+# deployment has a RUNNING replica, and waits on if so. Seen in CI: 128 of 420 requests failed as "unavailable"
+# that way. Many waiters time out together: one answer serves them all for this long.
+REPLICA_CHECK_TTL_S = 2.0
+REPLICA_CHECK_TIMEOUT_S = 5.0
 
 
 class NoReplica(RuntimeError):
@@ -60,12 +66,45 @@ class VariantClient(Protocol):
         ...
 
 
+class ServeReplicas:
+    """How many replicas Serve's controller counts RUNNING for one deployment (serve.status(), a blocking call,
+    off the event loop). None when the controller does not answer: the caller cannot tell."""
+
+    def __init__(self, app: str, deployment: str) -> None:
+        self.app = app
+        self.deployment = deployment
+        self._answer: asyncio.Future[int | None] | None = None
+        self._asked_at = -float("inf")
+
+    async def running(self) -> int | None:
+        if self._answer is None or (self._answer.done() and time.monotonic() - self._asked_at >= REPLICA_CHECK_TTL_S):
+            self._asked_at = time.monotonic()
+            self._answer = asyncio.ensure_future(self._ask())
+        return await asyncio.shield(self._answer)
+
+    async def _ask(self) -> int | None:
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(self._count), REPLICA_CHECK_TIMEOUT_S)
+        except Exception:
+            return None
+
+    def _count(self) -> int:
+        from ray import serve
+
+        app = serve.status().applications.get(self.app)
+        deployment = app.deployments.get(self.deployment) if app else None
+        if deployment is None:
+            return 0
+        return sum(n for state, n in deployment.replica_states.items() if state == "RUNNING")
+
+
 class RayVariant:
     """Calls one `LLMServer` deployment through its handle."""
 
-    def __init__(self, handle: Any) -> None:
+    def __init__(self, handle: Any, replicas: ServeReplicas | None = None) -> None:
         self._handle = handle.options(stream=True)
         self._unary = handle
+        self.replicas = replicas or ServeReplicas(handle.app_name, handle.deployment_name)
         self.running = 0  # this router's calls that a replica took and is still working on
         self.progressed_at = -float("inf")  # when one of them was last taken or ended (monotonic)
 
@@ -95,10 +134,10 @@ class RayVariant:
         assigned = asyncio.ensure_future(answer._fetch_future_result_async())
         try:
             while not (await asyncio.wait({assigned}, timeout=ASSIGN_TIMEOUT_S))[0]:
-                now = time.monotonic()
-                if self.running == 0 and now - self.progressed_at >= ASSIGN_TIMEOUT_S:
+                idle = self.running == 0 and time.monotonic() - self.progressed_at >= ASSIGN_TIMEOUT_S
+                if idle and not await self.replicas.running():
                     raise NoReplica(f"no replica took the request within {ASSIGN_TIMEOUT_S:.0f} s")
-                if now - started >= QUEUE_WAIT_S:
+                if time.monotonic() - started >= QUEUE_WAIT_S:
                     raise QueueWaitExceeded(f"the request waited {QUEUE_WAIT_S:.0f} s for a busy replica")
             assigned.result()  # Serve's own failure (a full queue: BackPressureError), if any
         finally:
