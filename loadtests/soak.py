@@ -179,7 +179,10 @@ def verdict(
         ),
         (
             not rollbacks["standard"] and bool(judged),
-            f"{candidate} on standard {'ROLLED BACK' if rollbacks['standard'] else 'never rolled back'}"
+            # Once rolled back the candidate's checks are no longer shown: the rollback's own reasons are.
+            f"{candidate} on standard ROLLED BACK ({', '.join(rollbacks['standard'][0]['reasons'])})"
+            if rollbacks["standard"]
+            else f"{candidate} on standard never rolled back"
             f" ({'judged: ' + ', '.join(judged) if judged else 'NEVER JUDGED' + (' ON LATENCY' if twin else '')})",
         ),
         (

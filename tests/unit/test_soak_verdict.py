@@ -58,7 +58,9 @@ def test_the_verdict_passes_only_when_all_three_hold() -> None:
         "(judged: score_drift n=40); 11 requests: 10 complete, 1 clear errors (503 x1), 0 lost"
     )
     assert not verdict(status(batch_phase="progressing"), requests, since=100.0)[0]
-    assert not verdict(status(int8_rollback=True), requests, since=100.0)[0]
+    passed, line = verdict(status(int8_rollback=True, int8_judged=False), requests, since=100.0)
+    assert not passed
+    assert "int8 on standard ROLLED BACK (score_drift)" in line  # why, not the checks it no longer shows
     assert not verdict(status(int8_judged=False), requests, since=100.0)[0]
     assert not verdict(status(), [*requests, request(200, complete=False)], since=100.0)[0]
     assert verdict(status(), requests, since=300.0)[1].startswith("VERDICT: FAIL: awq on batch NOT rolled back")
