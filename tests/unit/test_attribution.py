@@ -17,7 +17,8 @@ from serving.rollout.controller import Rollout
 from serving.rollout.signals import FeedbackSignal, RequestSignal, Signal
 from serving.router import RouterCore, create_app
 from serving.variants import FakeVariant
-from tests.unit.test_rollout import Clock, demo_config
+from tests.clock import Clock
+from tests.unit.test_rollout import demo_config
 
 REPO = Path(__file__).resolve().parents[2]
 BATCH = {"authorization": "Bearer demo-batch"}

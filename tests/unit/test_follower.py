@@ -15,18 +15,11 @@ from serving.rollout.follower import Follower, LocalController
 from serving.rollout.signals import ComparisonSignal, FeedbackSignal, RequestSignal, Signal
 from serving.router import RouterCore, create_app
 from serving.variants import FakeVariant
+from tests.clock import Clock
 
 REPO = Path(__file__).resolve().parents[2]
 CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
 PREMIUM = {"authorization": "Bearer demo-premium"}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def config(tmp_path: Path) -> Config:

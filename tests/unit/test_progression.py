@@ -13,17 +13,10 @@ from serving.config import Config, ProgressionConfig, TierConfig, load_config
 from serving.metrics import sample as metric_sample
 from serving.rollout.controller import Rollout
 from serving.rollout.signals import ComparisonSignal, RequestSignal, Signal
+from tests.clock import Clock
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = ProgressionConfig(step_weight=20.0, max_weight=50.0, interval_s=60.0)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def config(tmp_path: Path, weight: float = 10.0, progression: ProgressionConfig | None = STEPS) -> Config:

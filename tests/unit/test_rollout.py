@@ -14,6 +14,7 @@ from serving.rollout import checks, store
 from serving.rollout.controller import Rollout, RolloutStatus
 from serving.rollout.phases import TRANSITIONS, Event, InvalidTransition, Phase, next_phase
 from serving.rollout.signals import ComparisonSignal, FeedbackSignal, RequestSignal, Signal, Snapshot
+from tests.clock import Clock
 
 REPO = Path(__file__).resolve().parents[2]
 T = checks.Thresholds(
@@ -141,14 +142,6 @@ def test_every_transition(start: Phase, event: Event, end: Phase) -> None:
 def test_undefined_transitions_are_refused() -> None:
     with pytest.raises(InvalidTransition):
         next_phase(Phase.IDLE, Event.CHECK_FAILED)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def demo_config(tmp_path: Path, **batch: object) -> Config:

@@ -14,7 +14,8 @@ from serving import cli
 from serving.config import ConfigError
 from serving.launch import check_state_file, serve
 from serving.rollout.controller import Rollout
-from tests.unit.test_rollout import Clock, demo_config
+from tests.clock import Clock
+from tests.unit.test_rollout import demo_config
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -17,16 +17,9 @@ from serving.cli import rollout_table
 from serving.config import Config, RollbackConfig, load_config
 from serving.rollout.controller import Rollout, announce_started
 from serving.rollout.signals import ComparisonSignal, ReplicaStarted, RequestSignal, Signal, from_json, to_json
+from tests.clock import Clock
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def config(tmp_path: Path) -> Config:
