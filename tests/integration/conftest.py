@@ -4,6 +4,7 @@ replicas, because nothing in a replica may assume it is the only one (metrics, f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -184,38 +185,42 @@ def stack(tiny_family: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         log.close()
 
 
-@pytest.fixture(scope="session")
-def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real Prometheus server (Debian's package) scraping the stack's metrics agent every second, for the
-    whole session: the contract test and the every-panel test read the same one."""
+@contextlib.contextmanager
+def run_prometheus(folder: Path, scrape_configs: str, port: int) -> Iterator[str]:
+    """A real Prometheus server (Debian's package) evaluating every second, with `scrape_configs` (YAML list
+    items), its data and log in `folder`, listening on 127.0.0.1:`port`; yields its URL."""
     binary = shutil.which("prometheus")
     assert binary, "prometheus is not installed; `make test` installs it (scripts/install-test-tools.sh)"
-    folder = tmp_path_factory.mktemp("prometheus")
     config = folder / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        f"  - job_name: serving\n    static_configs: [{{targets: ['127.0.0.1:{METRICS_PORT}']}}]\n"
-    )
-    log = (folder / "prometheus.log").open("w")
-    process = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={folder / 'data'}",
-            f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{PROMETHEUS_PORT}"
+    config.write_text(f"global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nscrape_configs:\n{scrape_configs}")
+    log_path = folder / "prometheus.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={folder / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
     try:
-        wait_for_http(f"{url}/-/ready", process, Path(log.name), timeout_s=60)
+        wait_for_http(f"{url}/-/ready", process, log_path, timeout_s=60)
         yield url
     finally:
         process.terminate()
         process.wait(timeout=30)
-        log.close()
+
+
+@pytest.fixture(scope="session")
+def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Prometheus scraping the stack's metrics agent every second, for the whole session: the contract test
+    and the every-panel test read the same one."""
+    scrape = f"  - job_name: serving\n    static_configs: [{{targets: ['127.0.0.1:{METRICS_PORT}']}}]\n"
+    with run_prometheus(tmp_path_factory.mktemp("prometheus"), scrape, PROMETHEUS_PORT) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

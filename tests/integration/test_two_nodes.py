@@ -39,7 +39,7 @@ import pytest
 import yaml
 
 from serving.config import load_config
-from tests.integration.conftest import wait_for_http, write_config
+from tests.integration.conftest import run_prometheus, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -336,36 +336,13 @@ def run(command: list[object], log_path: Path, *, timeout_s: float, env: dict[st
 @pytest.fixture(scope="module")
 def cluster_prometheus(cluster: Cluster) -> Iterator[str]:
     """A Prometheus of this cluster's own (the session's `prometheus` scrapes the session's stack)."""
-    binary = shutil.which("prometheus")
-    assert binary, "prometheus is not installed; `make test` installs it (scripts/install-test-tools.sh)"
     folder = cluster.folder / "prometheus"
     folder.mkdir()
     # Ray's head writes, and keeps current, the list of every live node's metrics agent in this file.
     discovery = cluster.temp_dir / "prom_metrics_service_discovery.json"
-    (folder / "prometheus.yml").write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        f"  - job_name: ray\n    file_sd_configs: [{{files: ['{discovery}'], refresh_interval: 1s}}]\n"
-    )
-    log_path = folder / "prometheus.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={folder / 'prometheus.yml'}",
-                f"--storage.tsdb.path={folder / 'data'}",
-                f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{PROMETHEUS_PORT}"
-    try:
-        wait_for_http(f"{url}/-/ready", process, log_path, timeout_s=60)
+    scrape = f"  - job_name: ray\n    file_sd_configs: [{{files: ['{discovery}'], refresh_interval: 1s}}]\n"
+    with run_prometheus(folder, scrape, PROMETHEUS_PORT) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def query(url: str, promql: str) -> dict[str, float]:
