@@ -299,6 +299,9 @@ class FakeResponseGenerator:
 
 
 class FakeHandle:
+    app_name = "serving"
+    deployment_name = "LLMServer:fp16"
+
     def __init__(self) -> None:
         self.answers: list[FakeResponseGenerator] = []
 
