@@ -28,6 +28,9 @@ STALE_S = 5.0
 RETRY_AFTER_S = 5  # time for a load balancer to mark this server out, or for a restarted one to come up
 # Paths a draining router still answers as usual: liveness (the process is alive) and readiness (it says 503).
 PROBES = frozenset({"/health", "/ready"})
+# On a draining router's answers: the client opens a new connection for its next request, so once the server has
+# stopped that request meets a refused connection, not a kept-alive one closed under it.
+CLOSE = {"connection": "close"}
 
 
 def shutting_down() -> Unavailable:
@@ -65,7 +68,7 @@ class DrainGate:
         drain = self.drain_of()
         if drain.draining:
             refusal = shutting_down()
-            await JSONResponse(refusal.body(), status_code=refusal.status, headers=refusal.headers)(
+            await JSONResponse(refusal.body(), status_code=refusal.status, headers={**refusal.headers, **CLOSE})(
                 scope, receive, send
             )
             return

@@ -23,7 +23,7 @@ from serving import attribution, escalation, openapi, routing
 from serving.admission import KeyQuotas, RateLimit, engine_busy, is_backpressure, token_cost
 from serving.auth import Principal, authenticate
 from serving.config import Config, variants_differ
-from serving.drain import Drain, DrainGate
+from serving.drain import CLOSE, Drain, DrainGate
 from serving.errors import Conflict, Forbidden, NotFound, ServingError, TooManyRequests, Unavailable
 from serving.limits import HeaderLimits
 from serving.load import EngineLoad
@@ -560,7 +560,7 @@ def create_app(core_of: Callable[[], RouterCore], startup: list[Hook] | None = N
     async def ready() -> JSONResponse:
         core = core_of()
         if core.drain.draining:  # a load balancer stops sending here; the answers in flight run on
-            return JSONResponse({"ready": False, "variants": {}, "draining": True}, status_code=503)
+            return JSONResponse({"ready": False, "variants": {}, "draining": True}, status_code=503, headers=CLOSE)
         states = await core.readiness.check(core.variants)
         status = 200 if all(states.values()) else 503
         return JSONResponse({"ready": status == 200, "variants": states}, status_code=status)

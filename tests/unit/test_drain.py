@@ -54,8 +54,10 @@ async def test_a_stream_in_flight_ends_whole_while_new_requests_are_refused(core
         assert refused.json()["error"]["code"] == "shutting_down"
         assert set(refused.json()["error"]) == {"message", "type", "param", "code"}
         assert int(refused.headers["retry-after"]) > 0
+        assert refused.headers["connection"] == "close"
         ready = await client.get("/ready")
         assert ready.status_code == 503
+        assert ready.headers["connection"] == "close"
         assert ready.json()["draining"] is True
         assert (await client.get("/health")).status_code == 200  # alive: a liveness probe must not restart it
         assert core.drain.in_flight == 1  # refusals and probes are not counted as held
