@@ -1,5 +1,6 @@
-"""Starts Ray and Ray Serve on this machine, serves the configured application, and stops everything
-on Ctrl-C; `apply` hands a changed config file to the running application.
+"""Starts Ray and Ray Serve on this machine, serves the configured application, and on Ctrl-C or SIGTERM drains
+the answers in flight (serving.drain) and stops everything; `apply` hands a changed config file to the running
+application.
 
 The terminal shows what an operator needs: one line per engine as it comes up (precision, activation
 dtype, seconds), then where to reach the stack. Everything else (Ray's, Serve's and vLLM's own logs)
@@ -369,7 +370,7 @@ def print_ready(
         + (
             "  the application stays on the cluster; `serve shutdown` (Ray's CLI) removes it."
             if joined
-            else "  Ctrl-C stops everything."
+            else "  Ctrl-C lets the answers in flight finish, then stops everything (again: at once)."
         ),
         flush=True,
     )
