@@ -80,3 +80,11 @@ def test_a_drain_without_a_controller_is_skipped_and_the_stop_goes_on(capsys: py
 
     follow_drain(no_controller, lambda: DrainStatus(True, 0, 0, 0), 30.0, Clock())
     assert "could not drain" in capsys.readouterr().out
+
+
+def test_ctrl_c_during_the_drain_is_not_swallowed_so_the_stop_goes_on_at_once() -> None:
+    def interrupted() -> DrainStatus:
+        raise KeyboardInterrupt  # what the SIGINT (or SIGTERM) handler raises in the waiting main thread
+
+    with pytest.raises(KeyboardInterrupt):
+        follow_drain(lambda: None, interrupted, 30.0, Clock())
