@@ -98,11 +98,11 @@ def outcome_of(response: httpx.Response) -> str:
     return f"{response.status_code} {code}"
 
 
-def probe(signalled: float, exited: threading.Event, probes: Probes) -> None:
+def probe(client: httpx.Client, signalled: float, exited: threading.Event, probes: Probes) -> None:
     """Sends a short request and asks /ready every 0.25 s from the signal until the process has exited."""
     body = {"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     headers = {"authorization": "Bearer demo-premium"}
-    with httpx.Client(timeout=NEW_REQUEST_TIMEOUT_S) as client:
+    with client:
         while not exited.is_set():
             sent = time.monotonic()
             try:
@@ -134,11 +134,15 @@ def test_sigterm_drains_streams_in_flight_and_refuses_new_requests_cleanly(stack
     )
     assert all(s.ended_at is None for s in streams), [s.error for s in streams]
 
-    signalled = time.monotonic()
-    os.kill(stack.process.pid, signal.SIGTERM)
+    # The prober's client is made and connected before the signal: on 2 busy cores (six clients parsing thousands
+    # of chunks) making one took seconds, and the first probe came late in the drain.
+    client = httpx.Client(timeout=NEW_REQUEST_TIMEOUT_S)
+    assert client.get(f"{BASE}/health").status_code == 200
     exited = threading.Event()
     probes = Probes()
-    prober = threading.Thread(target=probe, args=(signalled, exited, probes), daemon=True)
+    signalled = time.monotonic()
+    os.kill(stack.process.pid, signal.SIGTERM)
+    prober = threading.Thread(target=probe, args=(client, signalled, exited, probes), daemon=True)
     prober.start()
     try:
         code = stack.process.wait(timeout=bound_s + STOP_MARGIN_S)
