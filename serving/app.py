@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 from typing import Any
 
 from ray import serve
@@ -35,6 +36,7 @@ class Router:
         # metrics agent exports them (see serving/metrics.py): no replica opens a port of its own.
         metrics = Metrics(RayExport())
         self.controller = RayController(config_json)
+        self.replica = secrets.token_hex(8)  # names this replica's drain reports
         self.core = RouterCore(
             config,
             {name: RayVariant(h) for name, h in handles.items()},
@@ -52,6 +54,10 @@ class Router:
         self.core.config_version = snapshot.version
         self.core.secret = bytes.fromhex(snapshot.secret)
         self.core.follower.follow(snapshot.weights)
+        # Once told to drain, a replica refuses new requests (for good: a shutdown is not taken back); its next
+        # report says so, with the requests it still holds.
+        if await self.controller.drain_report(self.core.drain.report(self.replica)):
+            self.core.drain.draining = True
 
     async def follow_controller(self) -> None:
         while True:

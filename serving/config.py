@@ -73,7 +73,8 @@ class Scaling(Strict):
         30.0,
         ge=0,
         description="on redeploy or shutdown, how long a replica that takes no new requests waits for the ones "
-        "in flight to finish before it is stopped (Ray Serve's graceful_shutdown_timeout_s)",
+        "in flight to finish before it is stopped (Ray Serve's graceful_shutdown_timeout_s); the router's is also "
+        "how long `serving serve`, stopped, drains the answers in flight before it stops Serve (serving.drain)",
     )
 
     @model_validator(mode="after")

@@ -1,5 +1,6 @@
-"""Starts Ray and Ray Serve on this machine, serves the configured application, and stops everything
-on Ctrl-C; `apply` hands a changed config file to the running application.
+"""Starts Ray and Ray Serve on this machine, serves the configured application, and on Ctrl-C or SIGTERM drains
+the answers in flight (serving.drain) and stops everything; `apply` hands a changed config file to the running
+application.
 
 The terminal shows what an operator needs: one line per engine as it comes up (precision, activation
 dtype, seconds), then where to reach the stack. Everything else (Ray's, Serve's and vLLM's own logs)
@@ -166,6 +167,7 @@ def serve(config_path: Path, address: str | None = None) -> int:
     # Ctrl-C must stop the stack even where the shell started us with SIGINT ignored (e.g. with `&`).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     status = 0
+    serving = False  # the application is up: a stop drains it first
     try:
         if address is None:
             clock.say(f"logs of Ray, the router and every engine: {Path(context.address_info['session_dir']) / 'logs'}")
@@ -175,12 +177,18 @@ def serve(config_path: Path, address: str | None = None) -> int:
         quiet_terminal()  # again: Serve and Ray Serve LLM set their loggers' levels as they start
         deploy(config, clock)
         print_ready(config, config_path, clock, joined=address is not None, metrics_port=metrics_port_of(context))
-        while address is None:
+        serving = address is None
+        while serving:
             time.sleep(3600)
     except KeyboardInterrupt:
         print(
             "stopping ..." if address is None else "stopped watching; the deployment goes on in the cluster", flush=True
         )
+        if serving:
+            try:
+                drain(config.router.graceful_shutdown_timeout_s, clock)
+            except KeyboardInterrupt:  # Ctrl-C (or SIGTERM) again: stop at once
+                print("stopping at once; answers in flight are cut", flush=True)
     except StartupFailed as exc:
         print(f"error: {exc}", flush=True)
         status = 1
@@ -188,6 +196,50 @@ def serve(config_path: Path, address: str | None = None) -> int:
         # A cluster that was joined is not ours to stop: only this driver disconnects.
         stop(*((ray_serve.shutdown, ray.shutdown) if address is None else (ray.shutdown,)))
     return status
+
+
+def drain(bound_s: float, clock: Clock) -> None:
+    """Has every router replica refuse new requests and waits, up to `bound_s`, for the ones in flight to end
+    (serving.drain), through the rollout controller: Serve's own stop, which follows, kills the HTTP proxy and
+    every answer streaming through it."""
+    import ray
+
+    from serving.drain import DrainStatus
+    from serving.rollout.controller import controller
+
+    def begin() -> None:
+        ray.get(controller().begin_drain.remote(), timeout=10)
+
+    def status() -> DrainStatus:
+        try:
+            seen: DrainStatus = ray.get(controller().drain_status.remote(), timeout=5)
+        except ray.exceptions.GetTimeoutError:  # a busy controller: asked again
+            return DrainStatus(began=True, routers=1, draining=0, in_flight=0)
+        return seen
+
+    follow_drain(begin, status, bound_s, clock)
+
+
+def follow_drain(begin: Callable[[], None], status: Callable[[], Any], bound_s: float, clock: Clock) -> None:
+    """Begins the drain and waits for it, saying on the terminal how it went. A drain that cannot begin or be
+    followed (no controller) is skipped: the stop goes on."""
+    from serving.drain import wait_for_drain
+
+    try:
+        begin()
+    except Exception as exc:
+        print(f"could not drain ({exc!r}); stopping", flush=True)
+        return
+    clock.say(f"draining: new requests are refused; waiting up to {bound_s:g} s for those in flight (Ctrl-C: stop now)")
+    try:
+        left = wait_for_drain(status, bound_s)
+    except Exception as exc:  # the controller died mid-drain
+        print(f"could not follow the drain ({exc!r}); stopping", flush=True)
+        return
+    if left.done():
+        clock.say("drained: every request in flight has ended")
+    else:
+        clock.say(f"drain bound ({bound_s:g} s) reached: {left.in_flight} requests still in flight are cut")
 
 
 def stop(*steps: Callable[[], None]) -> None:
@@ -318,7 +370,7 @@ def print_ready(
         + (
             "  the application stays on the cluster; `serve shutdown` (Ray's CLI) removes it."
             if joined
-            else "  Ctrl-C stops everything."
+            else "  Ctrl-C lets the answers in flight finish, then stops everything (again: at once)."
         ),
         flush=True,
     )

@@ -33,7 +33,8 @@ COMPLETION_STATUSES = {
     404: "not the model this server serves, or an unknown variant in x-variant",
     413: "the request body is over the size limit",
     429: "this key is over its requests or tokens per minute (Retry-After says when to come back)",
-    503: "the variant is at capacity (Retry-After) or unavailable; retry shortly",
+    503: "the variant is at capacity (Retry-After) or unavailable, or the server is shutting down "
+    "(`shutting_down`, Retry-After); retry shortly",
 }
 FEEDBACK_STATUSES = {
     **API_STATUSES,
@@ -96,6 +97,7 @@ class Health(BaseModel):
 class Ready(BaseModel):
     ready: bool
     variants: dict[str, bool] = Field(description="whether each variant generated a token in time")
+    draining: bool = Field(False, description="the server is shutting down: it takes no new requests")
 
 
 def document(config: Config) -> dict[str, Any]:
@@ -211,7 +213,9 @@ def document(config: Config) -> dict[str, Any]:
             },
             "/health": probe("liveness: the router answers", Health, {200: "alive"}),
             "/ready": probe(
-                "readiness: every variant generates a token", Ready, {200: "ready", 503: "a variant is not"}
+                "readiness: every variant generates a token",
+                Ready,
+                {200: "ready", 503: "a variant is not, or the server is shutting down"},
             ),
         },
         "components": {"schemas": schemas, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},

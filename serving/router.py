@@ -23,6 +23,7 @@ from serving import attribution, escalation, openapi, routing
 from serving.admission import KeyQuotas, RateLimit, engine_busy, is_backpressure, token_cost
 from serving.auth import Principal, authenticate
 from serving.config import Config, variants_differ
+from serving.drain import CLOSE, Drain, DrainGate
 from serving.errors import Conflict, Forbidden, NotFound, ServingError, TooManyRequests, Unavailable
 from serving.limits import HeaderLimits
 from serving.load import EngineLoad
@@ -95,6 +96,7 @@ class RouterCore:
         self.secret: bytes | None = None
         self.local_key = secrets.token_bytes(32)  # signs until the controller's secret arrives
         self.readiness = Readiness()
+        self.drain = Drain()  # set on shutdown (serving.drain): new requests refused, those in flight counted
         self.engine_facts: dict[str, dict[str, Any]] = {}
         self.shadower.on_compared = self.follower.record
         self.config_version = 0
@@ -510,6 +512,7 @@ def create_app(core_of: Callable[[], RouterCore], startup: list[Hook] | None = N
     documents = openapi.Cached()
     app.openapi = lambda: documents.of(core_of().config)  # type: ignore[method-assign]
     app.add_middleware(HeaderLimits, limits_of=lambda: core_of().config.limits)
+    app.add_middleware(DrainGate, drain_of=lambda: core_of().drain)  # outermost: a refusal reads no header
 
     @app.exception_handler(ServingError)
     async def serving_error(request: Request, exc: ServingError) -> JSONResponse:
@@ -556,6 +559,8 @@ def create_app(core_of: Callable[[], RouterCore], startup: list[Hook] | None = N
     @app.get("/ready")
     async def ready() -> JSONResponse:
         core = core_of()
+        if core.drain.draining:  # a load balancer stops sending here; the answers in flight run on
+            return JSONResponse({"ready": False, "variants": {}, "draining": True}, status_code=503, headers=CLOSE)
         states = await core.readiness.check(core.variants)
         status = 200 if all(states.values()) else 503
         return JSONResponse({"ready": status == 200, "variants": states}, status_code=status)

@@ -23,6 +23,7 @@ import ray
 from pydantic import BaseModel, Field
 
 from serving.config import Config, ProgressionConfig, TierConfig
+from serving.drain import DrainBook, DrainStatus, RouterReport
 from serving.metrics import ActorExport, ControllerMetrics
 from serving.rollout import checks, signals, store
 from serving.rollout.phases import Event, Phase, next_phase
@@ -599,6 +600,7 @@ class RolloutController:
         if restarted:
             logger.warning("rollout controller restarted; config version %d restored", self.rollout.version)
         self.loop_started = False
+        self.drain = DrainBook()  # on shutdown: not rollout state, but the one place every router replica syncs with
 
     async def ensure_loop(self) -> None:
         if not self.loop_started:
@@ -637,6 +639,16 @@ class RolloutController:
 
     async def status(self) -> dict[str, Any]:
         return self.rollout.status().model_dump(mode="json")  # the wire form: `serving rollout status --json`
+
+    # -- the drain on shutdown (serving.drain) --------------------------------------------------------
+    async def begin_drain(self) -> None:
+        self.drain.begin()
+
+    async def drain_report(self, report: RouterReport) -> bool:
+        return self.drain.report(report)
+
+    async def drain_status(self) -> DrainStatus:
+        return self.drain.status()
 
 
 def controller(config_json: str | None = None, *, recover: bool = False) -> Any:

@@ -21,6 +21,7 @@ from collections import OrderedDict, deque
 from typing import Any, Protocol
 
 from serving.config import Config
+from serving.drain import RouterReport
 from serving.errors import Unavailable
 from serving.rollout.signals import Signal, Snapshot
 
@@ -194,3 +195,8 @@ class RayController:
     async def status(self) -> dict[str, Any]:
         status: dict[str, Any] = await self.handle.status.remote()
         return status
+
+    async def drain_report(self, report: RouterReport) -> bool:
+        """Tells the controller how this replica drains; answers whether it must (serving.drain)."""
+        draining: bool = await self.handle.drain_report.remote(report)
+        return draining

@@ -39,6 +39,12 @@ class Stack:
     config: Path
     family: Path
     log: Path  # what `serving serve` printed: the console a person reads
+    process: subprocess.Popen[bytes]  # `serving serve`; only a test marked `stops_stack` signals it
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that stop the session's stack run after every other test (a stable sort keeps the rest in order)."""
+    items.sort(key=lambda item: item.get_closest_marker("stops_stack") is not None)
 
 
 def write_config(
@@ -175,9 +181,10 @@ def stack(tiny_family: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     try:
         wait_for_http(f"{BASE}/ready", process, log_path, timeout_s=600)
         print(f"stack ready in {time.monotonic() - started:.0f} s")
-        yield Stack(config, tiny_family, log_path)
+        yield Stack(config, tiny_family, log_path, process)
     finally:
-        os.killpg(process.pid, signal.SIGINT)
+        with contextlib.suppress(ProcessLookupError):  # a `stops_stack` test may have stopped it already
+            os.killpg(process.pid, signal.SIGINT)
         try:
             process.wait(timeout=120)
         except subprocess.TimeoutExpired:

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from serving.launch import Clock, StartupFailed, watch
+from serving.drain import DrainStatus
+from serving.launch import Clock, StartupFailed, follow_drain, watch
 
 ENGINES = {"variant-fp16": "fp16", "variant-int8": "int8"}
 FACTS = {"precision": "int8", "dtype": "bfloat16", "linear_kernels": ["W8A8/Kernel/sgl"], "engine_start_s": 20.0}
@@ -56,3 +57,34 @@ def test_ray_processes_get_serve_fast_path_settings_unless_the_operator_set_thei
     assert environ["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
     assert environ["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] == "0"
     assert environ["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "0"  # the operator's
+
+
+def test_a_stop_drains_first_and_says_when_every_request_has_ended(capsys: pytest.CaptureFixture[str]) -> None:
+    began: list[bool] = []
+    seen = iter([DrainStatus(True, 2, 1, 3), DrainStatus(True, 2, 2, 0)])
+    follow_drain(lambda: began.append(True), lambda: next(seen), 30.0, Clock())
+    out = capsys.readouterr().out
+    assert began == [True]
+    assert "waiting up to 30 s" in out
+    assert "drained: every request in flight has ended" in out
+
+
+def test_a_drain_past_its_bound_says_how_many_requests_are_cut(capsys: pytest.CaptureFixture[str]) -> None:
+    follow_drain(lambda: None, lambda: DrainStatus(True, 2, 2, 4), 0.0, Clock())
+    assert "drain bound (0 s) reached: 4 requests still in flight are cut" in capsys.readouterr().out
+
+
+def test_a_drain_without_a_controller_is_skipped_and_the_stop_goes_on(capsys: pytest.CaptureFixture[str]) -> None:
+    def no_controller() -> None:
+        raise ValueError("Failed to look up actor with name 'rollout-controller'")
+
+    follow_drain(no_controller, lambda: DrainStatus(True, 0, 0, 0), 30.0, Clock())
+    assert "could not drain" in capsys.readouterr().out
+
+
+def test_ctrl_c_during_the_drain_is_not_swallowed_so_the_stop_goes_on_at_once() -> None:
+    def interrupted() -> DrainStatus:
+        raise KeyboardInterrupt  # what the SIGINT (or SIGTERM) handler raises in the waiting main thread
+
+    with pytest.raises(KeyboardInterrupt):
+        follow_drain(lambda: None, interrupted, 30.0, Clock())
