@@ -19,6 +19,9 @@ from serving.variants import Endpoint, EngineRequest, QueueWaitExceeded
 
 CHARS_PER_TOKEN = 4  # a prompt's tokens, estimated before tokenizing (the engine tokenizes)
 ENGINE_BUSY_RETRY_S = 1
+# A variant with no replica: Serve starts a new one in 15 to 30 s on the demo stack; clients (the openai SDK
+# among them) wait this long before their retry instead of at once.
+VARIANT_DOWN_RETRY_S = 5
 
 
 class RateLimit:
@@ -109,6 +112,15 @@ def engine_busy(variant: str) -> Unavailable:
         f"variant {variant} is at capacity; retry shortly",
         code="engine_overloaded",
         headers={"retry-after": str(ENGINE_BUSY_RETRY_S)},
+    )
+
+
+def variant_down(variant: str) -> Unavailable:
+    """A variant failed before its answer began (no replica, the replica died, the engine failed)."""
+    return Unavailable(
+        f"variant {variant} is unavailable; retry shortly",
+        code="variant_unavailable",
+        headers={"retry-after": str(VARIANT_DOWN_RETRY_S)},
     )
 
 

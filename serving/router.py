@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
 
 from serving import attribution, escalation, openapi, routing
-from serving.admission import KeyQuotas, RateLimit, engine_busy, is_backpressure, token_cost
+from serving.admission import KeyQuotas, RateLimit, engine_busy, is_backpressure, token_cost, variant_down
 from serving.auth import Principal, authenticate
 from serving.config import Config, variants_differ
 from serving.drain import CLOSE, Drain, DrainGate
@@ -252,7 +252,7 @@ class RouterCore:
         tier = config.tiers[principal.tier]
         baseline = tier.baseline
         if config.variants[baseline].precision in tier.forbid:
-            raise Unavailable(f"variant {candidate} is unavailable; retry shortly", code="variant_unavailable")
+            raise variant_down(candidate)
         self.metrics.overrides.labels(candidate, principal.tier, "fallback").inc()
         logger.warning("fallback: %s is down; tier %s's request is answered by %s", candidate, principal.tier, baseline)
         # Signed anew, so feedback on the answer goes to the variant that wrote it.
@@ -345,9 +345,7 @@ class Call:
                 raise engine_busy(self.variant) from None
             self.count("error")
             logger.warning("variant %s failed: %r", self.variant, exc)
-            raise Unavailable(
-                f"variant {self.variant} is unavailable; retry shortly", code="variant_unavailable"
-            ) from None
+            raise variant_down(self.variant) from None
         error = engine_error(first)
         if error is not None:
             self.done()

@@ -132,6 +132,7 @@ async def test_no_fallback_for_a_full_queue_or_a_pinned_variant() -> None:
             "/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer demo-admin", "x-variant": "int8"}
         )
     assert (pinned.status_code, pinned.json()["error"]["code"]) == (503, "variant_unavailable")
+    assert pinned.headers["retry-after"] == "5"  # a new replica takes seconds: the client waits before retrying
     assert fallbacks(core) == 0
     assert not core.variants["fp16"].requests  # type: ignore[attr-defined]
 
@@ -143,5 +144,6 @@ async def test_never_a_fallback_onto_a_precision_the_tier_forbids() -> None:
     async with client_of(core) as http:
         answer = await http.post("/v1/chat/completions", json=CHAT, headers=STANDARD)
     assert (answer.status_code, answer.json()["error"]["code"]) == (503, "variant_unavailable")
+    assert answer.headers["retry-after"] == "5"
     assert not core.variants["fp16"].requests  # type: ignore[attr-defined]
     assert fallbacks(core) == 0
