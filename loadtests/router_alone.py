@@ -100,7 +100,12 @@ def deploy(config_path: Path) -> None:
     ray.init(num_cpus=12, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
     engines = {name: InstantEngine.options(name=f"instant-{name}").bind(name) for name in config.variants}  # type: ignore[attr-defined]
-    router = Router.bind(config.model_dump_json(), engines, {})  # type: ignore[attr-defined]
+    # The router's queues as `serving serve` deploys them (config.router: 1000 at once), on one replica. Bound
+    # without them it had Ray Serve's default of 5 requests at once, and at 16 and 64 clients the proxy held the
+    # rest back: this benchmark then measured Serve's queue, not the router (2026-11-29: 30 answers/s for 200).
+    options = {**config.router.deployment_options(), "num_replicas": 1}
+    options.pop("autoscaling_config", None)
+    router = Router.options(**options).bind(config.model_dump_json(), engines, {})  # type: ignore[attr-defined]
     serve.run(router, name="serving", route_prefix="/")
     bare_engine = InstantEngine.options(name="instant-bare").bind("fp16")  # type: ignore[attr-defined]
     serve.run(Bare.bind(bare_engine), name="bare", route_prefix="/bare")  # type: ignore[attr-defined]
