@@ -27,6 +27,17 @@ class Clock(HandClock):
         self.now += seconds
 
 
+def router_client(core: RouterCore) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(lambda: core)), base_url="http://router")
+
+
+async def stream_in_flight(client: httpx.AsyncClient, core: RouterCore) -> asyncio.Task[httpx.Response]:
+    """Starts a streamed chat and returns once the router holds it."""
+    streaming = asyncio.create_task(client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=PREMIUM))
+    await poll_until_async(lambda: core.drain.in_flight == 1, "the stream to be in flight")
+    return streaming
+
+
 @pytest.fixture
 def core() -> RouterCore:
     config = load_config(REPO / "deploy" / "demo.yaml")
@@ -36,12 +47,8 @@ def core() -> RouterCore:
 
 
 async def test_a_stream_in_flight_ends_whole_while_new_requests_are_refused(core: RouterCore) -> None:
-    transport = httpx.ASGITransport(app=create_app(lambda: core))
-    async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
-        streaming = asyncio.create_task(
-            client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=PREMIUM)
-        )
-        await poll_until_async(lambda: core.drain.in_flight == 1, "the stream to be in flight")
+    async with router_client(core) as client:
+        streaming = await stream_in_flight(client, core)
         core.drain.draining = True
 
         refused = await client.post("/v1/chat/completions", json=CHAT, headers=PREMIUM)
@@ -68,12 +75,8 @@ async def test_a_stream_in_flight_ends_whole_while_new_requests_are_refused(core
 
 
 async def test_a_client_that_leaves_is_no_longer_held(core: RouterCore) -> None:
-    transport = httpx.ASGITransport(app=create_app(lambda: core))
-    async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
-        streaming = asyncio.create_task(
-            client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=PREMIUM)
-        )
-        await poll_until_async(lambda: core.drain.in_flight == 1, "the stream to be in flight")
+    async with router_client(core) as client:
+        streaming = await stream_in_flight(client, core)
         streaming.cancel()
         await poll_until_async(lambda: core.drain.in_flight == 0, "the request to be let go")
 

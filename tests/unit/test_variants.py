@@ -172,3 +172,28 @@ async def test_many_waiters_share_one_question_to_serve(monkeypatch: pytest.Monk
     outcomes = await asyncio.gather(*waiters, return_exceptions=True)
     assert all(isinstance(outcome, variants.NoReplica) for outcome in outcomes)
     assert replicas.asked == 1
+
+
+def test_serve_replicas_counts_the_running_replicas_serve_status_reports(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The real reading of serve.status() (the fakes above answer in its place): replica states are an enum of
+    # strings; only RUNNING ones can take a request; an app or deployment Serve does not list has none.
+    from ray import serve
+    from ray.serve._private.common import ReplicaState
+    from ray.serve.schema import ApplicationStatusOverview, DeploymentStatusOverview, ServeStatus
+
+    deployment = DeploymentStatusOverview(
+        status="HEALTHY",
+        status_trigger="CONFIG_UPDATE_COMPLETED",
+        replica_states={ReplicaState.RUNNING: 2, ReplicaState.STARTING: 1, ReplicaState.STOPPING: 3},
+        message="",
+    )
+    app = ApplicationStatusOverview(
+        status="RUNNING",
+        message="",
+        last_deployed_time_s=0.0,
+        deployments={"LLMServer:fp16": deployment},
+    )
+    monkeypatch.setattr(serve, "status", lambda: ServeStatus(applications={"serving": app}))
+    assert variants.ServeReplicas("serving", "LLMServer:fp16")._count() == 2
+    assert variants.ServeReplicas("serving", "LLMServer:int8")._count() == 0
+    assert variants.ServeReplicas("other", "LLMServer:fp16")._count() == 0
