@@ -12,8 +12,8 @@ from typing import Any
 
 from ray import serve
 
-from serving.config import Config, ConfigError, VariantConfig, config_from_data
-from serving.engine import Placement, VariantServer
+from serving.config import FULL_PRECISIONS, Config, ConfigError, VariantConfig, config_from_data
+from serving.engine import Placement, VariantServer, Verification
 from serving.kernels import WORKER_EXTENSION
 from serving.metrics import Metrics, RayExport
 from serving.models import manifest
@@ -53,6 +53,7 @@ class Router:
             logger.info("config version %d applied", snapshot.version)
         self.core.config_version = snapshot.version
         self.core.secret = bytes.fromhex(snapshot.secret)
+        self.core.unfit = dict(snapshot.unfit)
         self.core.follower.follow(snapshot.weights)
         # Once told to drain, a replica refuses new requests (for good: a shutdown is not taken back); its next
         # report says so, with the requests it still holds.
@@ -156,8 +157,12 @@ def build_app(config: Config, *, gpu_default: bool) -> Any:
 
     on_gpu = {name: v.gpu if v.gpu is not None else gpu_default for name, v in config.variants.items()}
     cpu_variants = [name for name, gpu in on_gpu.items() if not gpu]  # on CPU, the engines share a node
-    handles = {
-        name: build_llm_deployment(
+    reference = reference_variant(config)
+    handles: dict[str, Any] = {}
+    # The reference first: every other variant's deployment is handed its handle, to compare answers with.
+    for name in sorted(config.variants, key=lambda n: n != reference):
+        v = config.variants[name]
+        handles[name] = build_llm_deployment(
             llm_config(config.model, name, v, gpu=on_gpu[name]),
             name_prefix="",
             deployment_cls=VariantServer,
@@ -169,12 +174,30 @@ def build_app(config: Config, *, gpu_default: bool) -> Any:
                 "placement": Placement(0, 1, gpu=True)
                 if on_gpu[name]
                 else Placement(cpu_variants.index(name), len(cpu_variants), gpu=False),
+                "verification": verification_plan(config, name, reference),
+                "reference": handles[reference] if reference is not None and name != reference else None,
             },
         )
-        for name, v in config.variants.items()
-    }
+    handles = {name: handles[name] for name in config.variants}
     router = Router.options(**config.router.deployment_options())  # type: ignore[attr-defined]
     return router.bind(config.model_dump_json(), handles, provenance_of(config))
+
+
+def reference_variant(config: Config) -> str | None:
+    """The variant every other one is compared with at start-up: the first full-precision one (None: none is)."""
+    return next((n for n, v in config.variants.items() if v.precision in FULL_PRECISIONS), None)
+
+
+def verification_plan(config: Config, name: str, reference: str | None) -> Verification:
+    """How a variant is proven at start-up: against the reference (unless it is the reference), and whether
+    its being unfit stops the stack: the reference's and any tier's baseline's does; a candidate's or a
+    shadow-only target's takes it out of the rollout instead."""
+    baselines = {tier.baseline for tier in config.tiers.values()}
+    return Verification(
+        reference=None if name == reference else reference,
+        required=name == reference or name in baselines,
+        min_agreement=config.variants[name].min_agreement,
+    )
 
 
 def build_from_args(args: dict[str, Any]) -> Any:

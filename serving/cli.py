@@ -31,7 +31,12 @@ def _models_build(args: argparse.Namespace) -> int:
         return 1
     for name, found in built.items():
         print(f"  {name:5} {found['weights_sha256'][:16]}  {out / models.variant(name).folder}")
-    return 0
+    if args.no_verify:
+        return 0
+    from serving.models.verification import verify_family
+
+    verdicts = verify_family(models, out)
+    return 0 if verdicts.get(models.base.name) is None or verdicts[models.base.name].fit else 1
 
 
 def _models_show(args: argparse.Namespace) -> int:
@@ -304,6 +309,11 @@ def parser() -> argparse.ArgumentParser:
         action.add_argument("--out", type=Path, help="the family's folder (default: models/FAMILY)")
     build.add_argument("--force", action="store_true", help="rebuild even what is up to date")
     build.add_argument("--variant", action="append", choices=["fp16", "int8", "awq"], help="only this variant")
+    build.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip proving each variant on this machine (serving.verify; the engines still do at start-up)",
+    )
     build.set_defaults(func=_models_build)
     show.add_argument("--json", action="store_true", help="print the whole manifests as JSON")
     show.add_argument("--verify", action="store_true", help="re-hash the weights against the manifests")

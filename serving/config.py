@@ -118,7 +118,16 @@ class VariantConfig(Scaling):
     precision: Precision = Field(description="what the weights are; `forbid` lists refer to this")
     max_model_len: int = Field(1024, ge=16, description="engine context length (prompt + output tokens)")
     dtype: Dtype | None = Field(
-        None, description="activation dtype; by default chosen from the hardware (serving.hardware.choose_dtype)"
+        None,
+        description="activation dtype; by default the first that passes verification on the engine's machine, "
+        "in serving.hardware.dtype_order's order",
+    )
+    min_agreement: float = Field(
+        0.15,
+        ge=0,
+        le=1,
+        description="the floor of word agreement with the reference (the first full-precision variant) on the "
+        "verification facts at start-up; below it the variant is unfit on that machine (serving.verify)",
     )
     compile: bool | None = Field(
         None, description="torch.compile the model; by default on GPUs only (serving.hardware.choose_compile)"

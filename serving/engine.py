@@ -1,19 +1,30 @@
-"""A variant's deployment: Ray Serve LLM's `LLMServer` hosting one vLLM engine, warmed before it is ready.
+"""A variant's deployment: Ray Serve LLM's `LLMServer` hosting one vLLM engine, proven on this machine before
+it is ready.
 
-An engine's first generation is slow (kernels are built on first use). A replica of this class
-answers a real one-token generation inside its constructor, so Ray Serve marks it healthy, and routes
-traffic to it, only once it is warm: at startup, on a restart and on scale-out alike. The warm-up goes
-to the engine directly, never through the router, so it counts in no router metric or rollout signal.
+An engine's first generations are slow (kernels are built on first use), and whether a variant's kernels
+run right depends on this machine (STACK.md, quirk 10). So a replica of this class, inside its constructor,
+answers the fixed facts of `serving.verify` and judges them against the reference variant's answers on the
+same machine, trying the viable activation dtypes in `serving.hardware.dtype_order`'s order and keeping the
+first that passes. Ray Serve marks it healthy, and routes traffic to it, only once it is warm and proven:
+at startup, on a restart and on scale-out alike. These calls go to the engine directly, never through the
+router, so they count in no router metric or rollout signal.
 
-Start-up is kept short (README, "Start-up"): the activation dtype and torch.compile are chosen here
-from this node's hardware (`serving.hardware`); a local model folder skips Ray's per-node download
-task; and a one-worker CPU engine runs its model in the engine-core process instead of a worker
-process of its own (`engine_class`).
+A variant that no dtype makes fit is unfit on this machine, with the reason in the machine-local record:
+- a `required` one (a tier's baseline, or the reference) raises, and Serve reports the deployment failed,
+  which stops start-up with the engine's own name and reason (serving.launch);
+- any other (a candidate, a shadow-only target) stays up with no engine, refuses every call, and tells the
+  rollout controller (`VariantUnfit`), which takes it out of the rollout: the stack serves every tier from
+  its baseline, and Serve, seeing a healthy replica, never restarts an engine that cannot run here.
+
+Start-up is kept short (README, "Start-up"): torch.compile is chosen from this node's hardware, a local
+model folder skips Ray's per-node download task, and a one-worker CPU engine runs its model in the
+engine-core process instead of a worker process of its own (`engine_class`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -23,27 +34,28 @@ from typing import Any
 
 from ray.serve.llm import LLMServer
 
-from serving.hardware import (
-    Capabilities,
-    Dtype,
-    DtypeChoice,
-    choose_compile,
-    choose_dtype,
-    cpu_threads_bind,
-    detect,
-    weights_dtype,
-)
+from serving import verify
+from serving.hardware import Capabilities, Dtype, DtypeChoice, choose_compile, cpu_threads_bind, detect, dtype_order
+from serving.hardware import weights_dtype as saved_dtype
 from serving.kernels import merge
-from serving.rollout.controller import announce_started
-from serving.rollout.signals import ReplicaStarted
+from serving.rollout.controller import announce_started, announce_unfit
+from serving.rollout.signals import ReplicaStarted, VariantUnfit
 
 logger = logging.getLogger("serving.engine")
 
 WARM_PROMPT = "Hello"
+# How long a variant waits for its reference's answers: the reference's engine starts beside it.
+REFERENCE_WAIT_S = 900.0
+# An unfit variant tells the controller again this often, so a controller that restarted learns it too.
+UNFIT_REPEAT_S = 30.0
 
 
 class NotWarm(RuntimeError):
     """The engine did not answer its one-token generation."""
+
+
+class Unfit(RuntimeError):
+    """The variant is unfit on this machine; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -55,24 +67,37 @@ class Placement:
     gpu: bool = False
 
 
-def configure(
-    llm_config: Any, precision: str, pinned_dtype: Dtype | None, pinned_compile: bool | None, placement: Placement
-) -> tuple[Capabilities, DtypeChoice, bool]:
-    """Sets the engine's dtype, compilation and CPU threads from this node's hardware, before it starts."""
+@dataclass(frozen=True)
+class Verification:
+    """What this replica is proven against: the reference's name and handle (None: it is the reference), whether
+    its failing stops the stack (`required`), and the agreement floor."""
+
+    reference: str | None = None
+    required: bool = True
+    min_agreement: float = verify.MIN_AGREEMENT
+
+
+def configure(llm_config: Any, pinned_compile: bool | None, placement: Placement) -> tuple[Capabilities, bool]:
+    """Sets the engine's compilation and CPU threads from this node's hardware, before it starts."""
     capabilities = detect(gpu=placement.gpu)
     if capabilities.accelerator == "cpu" and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
         # Read by vLLM when it starts the engine-core process (see engine_class); an operator's own wins.
         cpus = sorted(os.sched_getaffinity(0))
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_threads_bind(placement.index, placement.engines, cpus)
-    model_dir = Path(llm_config.model_loading_config.model_source)
-    choice = choose_dtype(precision, weights_dtype(model_dir), capabilities, pinned_dtype)
     compiled = choose_compile(capabilities, pinned_compile)
-    llm_config.update_engine_kwargs(dtype=choice.dtype, enforce_eager=not compiled)
-    if model_dir.is_dir():
+    llm_config.update_engine_kwargs(enforce_eager=not compiled)
+    if Path(llm_config.model_loading_config.model_source).is_dir():
         # Already on this node: Ray's download step would only start a task (a new worker process
         # that imports vLLM, half a minute on 2 cores) to find the folder where it is.
         llm_config.get_or_create_callback().ctx.run_init_node = False
-    return capabilities, choice, compiled
+    return capabilities, compiled
+
+
+def dtype_choices(llm_config: Any, capabilities: Capabilities, pinned: Dtype | None) -> list[DtypeChoice]:
+    """The dtypes to try, the one that passed on this machine before first."""
+    model_dir = Path(llm_config.model_loading_config.model_source)
+    kept = verify.kept_dtype(model_dir) if model_dir.is_dir() else None
+    return dtype_order(saved_dtype(model_dir), capabilities, pinned, kept)  # type: ignore[arg-type]
 
 
 class VariantServer(LLMServer):  # type: ignore[misc]
@@ -86,38 +111,163 @@ class VariantServer(LLMServer):  # type: ignore[misc]
         pinned_dtype: Dtype | None = None,
         pinned_compile: bool | None = None,
         placement: Placement | None = None,
+        verification: Verification | None = None,
+        reference: Any = None,  # the reference's deployment handle (Serve passes a bound deployment as one)
     ) -> None:
         started = time.monotonic()
-        capabilities, choice, compiled = configure(
-            llm_config, precision, pinned_dtype, pinned_compile, placement or Placement()
-        )
-        await super().__init__(llm_config, engine_cls=engine_class(self._get_default_engine_class()))
-        engine_s = time.monotonic() - started
-        warm_s = await self.generate_one_token()
+        self.variant = variant
+        self.unfit: str | None = None
+        self.announcing: asyncio.Task[Any] | None = None  # kept from the GC
+        plan = verification or Verification()
+        capabilities, compiled = configure(llm_config, pinned_compile, placement or Placement())
+        choices = dtype_choices(llm_config, capabilities, pinned_dtype)
+        self.verdict, choice = await self.prove(llm_config, choices, plan, reference)
+        self.record = self.keep_record(llm_config)
         self.facts: dict[str, Any] = {
             "variant": variant,
             "precision": precision,
-            "dtype": choice.dtype,
-            "dtype_reason": choice.reason,
+            "dtype": choice.dtype if choice else None,
+            "dtype_reason": choice.reason if choice else None,
             "hardware": capabilities.describe(),
             "compiled": compiled,
             "cpu_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
             if capabilities.accelerator == "cpu"
             else None,
-            "linear_kernels": await self.linear_kernels(),
-            "engine_start_s": round(engine_s, 1),
-            "warm_up_s": round(warm_s, 1),
+            "linear_kernels": await self.linear_kernels() if self.engine is not None else [],
+            "engine_start_s": round(time.monotonic() - started, 1),
+            "verification": {
+                "fit": self.verdict.fit,
+                "reason": self.verdict.reason,
+                "attempts": [dataclasses.asdict(a) for a in self.verdict.attempts],
+                "record": str(self.record) if self.record else None,
+            },
+            "unfit": None,
         }
+        if not self.verdict.fit:
+            reason = f"unfit on this machine: {self.verdict.reason}"
+            if plan.required:
+                raise Unfit(f"{variant} is {reason}")
+            self.unfit = reason
+            self.facts["unfit"] = reason
+            logger.error("variant %s is out of the rollout: %s", variant, reason)
+            self.announcing = asyncio.get_running_loop().create_task(self.announce_unfit())
+            return
         logger.info("variant %s ready: %s", variant, self.facts)
         # The rollout controller leaves this variant's latency samples of the next seconds out of its checks
         # (serving.rollout.signals.ReplicaStarted). Beside the start, never in its way; kept from the GC.
         started_signal = ReplicaStarted(variant, replica_name(), time.time())
         self.announcing = asyncio.get_running_loop().create_task(announce_started(started_signal))
 
+    async def prove(
+        self, llm_config: Any, choices: list[DtypeChoice], plan: Verification, reference: Any
+    ) -> tuple[verify.Verdict, DtypeChoice | None]:
+        """Starts the engine in each dtype in turn until its answers pass; stops it after each that does not."""
+        attempts: list[verify.Attempt] = []
+        last: verify.Verdict | None = None
+        theirs: tuple[verify.Answer, ...] | None = None
+        first = True
+        for choice in choices:
+            llm_config.update_engine_kwargs(dtype=choice.dtype)
+            try:
+                if first:
+                    first = False
+                    await super().__init__(llm_config, engine_cls=engine_class(self._get_default_engine_class()))
+                else:
+                    await self.start()
+                mine = await self.answer_facts()
+            except Exception as exc:  # the engine could not start or answer in this dtype
+                logger.warning("variant %s failed in %s: %r", self.variant, choice.dtype, exc)
+                attempts.append(verify.crashed(self.variant, choice.dtype, exc))
+                await self.stop_engine()
+                continue
+            if plan.reference is not None and theirs is None:
+                try:
+                    theirs = await self.reference_answers(reference)
+                except Exception as exc:
+                    attempts.append(verify.Attempt(choice.dtype, f"could not be compared: {exc}"))
+                    await self.stop_engine()
+                    return verify.unfit(self.variant, attempts), None
+            verdict = verify.judge(self.variant, choice.dtype, mine, plan.reference, theirs or (), plan.min_agreement)
+            if verdict.fit:
+                attempts.append(verify.Attempt(choice.dtype, "passed"))
+                return dataclasses.replace(verdict, attempts=tuple(attempts)), choice
+            attempts.append(verify.Attempt(choice.dtype, verdict.reason))
+            last = verdict
+            await self.stop_engine()
+        return verify.unfit(self.variant, attempts, last), None
+
+    async def answer_facts(self) -> tuple[verify.Answer, ...]:
+        """The greedy chat answers to the verification facts, all at once (the first also warms the engine)."""
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest, ErrorResponse
+
+        async def answer(item: Any) -> verify.Answer:
+            request = ChatCompletionRequest(
+                model=self._llm_config.model_id,
+                messages=[{"role": "user", "content": item.prompt}],
+                max_tokens=verify.MAX_TOKENS,
+                temperature=0.0,
+            )
+            async for reply in await self.chat(request):
+                if isinstance(reply, ErrorResponse):
+                    raise NotWarm(f"the engine refused a verification question: {reply.error.message}")
+                return verify.Answer(item.id, item.prompt, reply.choices[0].message.content or "")
+            raise NotWarm("the engine returned nothing")
+
+        return tuple(await asyncio.gather(*(answer(item) for item in verify.facts())))
+
+    async def reference_answers(self, reference: Any) -> tuple[verify.Answer, ...]:
+        try:
+            found = await asyncio.wait_for(reference.verification_answers.remote(), REFERENCE_WAIT_S)
+        except TimeoutError:
+            raise RuntimeError(f"the reference gave no answers within {REFERENCE_WAIT_S:.0f} s") from None
+        if not found:
+            raise RuntimeError("the reference has no answers (it is unfit itself)")
+        return verify.answers_from(found)
+
+    async def verification_answers(self) -> list[dict[str, Any]]:
+        """This replica's answers to the facts, for the variants judged against it."""
+        return [dataclasses.asdict(a) for a in self.verdict.answers] if self.verdict.fit else []
+
+    def keep_record(self, llm_config: Any) -> Path | None:
+        """Writes the verdict to the machine-local record (a report: a read-only disk costs no traffic)."""
+        model_dir = Path(llm_config.model_loading_config.model_source)
+        if not model_dir.is_dir():
+            return None
+        try:
+            return verify.write_entry(model_dir, self.verdict)
+        except OSError as exc:
+            logger.warning("could not write the verification record of %s: %r", self.variant, exc)
+            return None
+
+    async def stop_engine(self) -> None:
+        """Stops this replica's engine, if one started, so its process and memory are gone (best effort)."""
+        engine, self.engine = getattr(self, "engine", None), None
+        client = getattr(engine, "_engine_client", None)
+        try:
+            if client is not None and hasattr(client, "shutdown"):
+                client.shutdown()
+            if engine is not None:
+                await engine.shutdown()
+        except Exception as exc:
+            logger.warning("stopping the engine of %s: %r", self.variant, exc)
+
+    async def announce_unfit(self) -> None:
+        signal = VariantUnfit(self.variant, replica_name(), self.unfit or "unfit", time.time())
+        while True:
+            await announce_unfit(signal)
+            await asyncio.sleep(UNFIT_REPEAT_S)
+
+    async def _run_request(self, request: Any, **kwargs: Any) -> Any:
+        if self.unfit is not None:
+            raise Unfit(f"variant {self.variant} is {self.unfit}")
+        return await super()._run_request(request, **kwargs)
+
     async def generate_one_token(self) -> float:
         """Runs a real one-token generation through the engine; returns its seconds, raises `NotWarm`."""
         from ray.serve.llm.openai_api_models import CompletionRequest, ErrorResponse
 
+        if self.unfit is not None:
+            raise Unfit(f"variant {self.variant} is {self.unfit}")
         started = time.monotonic()
         request = CompletionRequest(model=self._llm_config.model_id, prompt=WARM_PROMPT, max_tokens=1, temperature=0.0)
         async for answer in await self.completions(request):
@@ -134,7 +284,7 @@ class VariantServer(LLMServer):  # type: ignore[misc]
             return []
 
     async def describe(self) -> dict[str, Any]:
-        """What this replica serves: precision, activation dtype and why, kernels, start-up seconds."""
+        """What this replica serves: precision, activation dtype and why, kernels, start-up seconds, verdict."""
         return self.facts
 
 

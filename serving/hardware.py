@@ -1,14 +1,16 @@
-"""Which activation dtype each variant is served with, chosen from what this machine's hardware can run.
+"""Which activation dtypes a variant may be served with on this machine's hardware, in the order they are tried.
 
-vLLM picks its kernels from the CPU's or GPU's features, and some kernels lack some dtypes: on CPUs with
-AMX tiles (Sapphire Rapids and newer) vLLM routes INT8 W8A8 to its SGL kernel, which has no float16
-output and aborts on the first generation (`scale_C: scalar path not implemented!`). So the dtype is
-decided here, in one place, from a capability probe that tests replace with a fake:
+vLLM picks its kernels from the CPU's or GPU's features, the layer shapes and the quantization config
+(STACK.md, quirk 10): no rule written from CPU flags has held on every machine. So nothing here predicts
+that a dtype works; it only orders the viable ones, and the engine that serves a variant proves the first
+that passes on this machine (`serving.verify`, `serving.engine`):
 
-    detect() -> Capabilities -> choose_dtype(precision, weights dtype, capabilities, pinned) -> DtypeChoice
+    detect() -> Capabilities -> dtype_order(weights dtype, capabilities, pinned, kept) -> [DtypeChoice]
 
-Used by the engines the application deploys and by the offline probe the tests run, so both take the
-same choice. A config may pin a variant's dtype (`variants.NAME.dtype`); a pin always wins.
+The order: a pinned dtype alone (`variants.NAME.dtype` in the config: a pin always wins); else the dtype kept
+by this machine's last passing verification; then the weights' own dtype (on a GPU without bfloat16, float16
+in its place); then the other half-precision dtype. Used by the engines the application deploys and by the
+offline probe `serving models build` runs, so both try the same choices in the same order.
 """
 
 from __future__ import annotations
@@ -146,20 +148,31 @@ def weights_dtype(model_dir: Path) -> Dtype:
     return found if found in DTYPES else "float16"
 
 
-def choose_dtype(precision: str, saved: Dtype, capabilities: Capabilities, pinned: Dtype | None = None) -> DtypeChoice:
-    """The activation dtype to serve a variant with: its weights' own dtype, unless the hardware
-    cannot run that for this precision."""
+def choose_dtype(saved: Dtype, capabilities: Capabilities, pinned: Dtype | None = None) -> DtypeChoice:
+    """The first dtype to try: the weights' own, unless the hardware cannot run it at all."""
+    return dtype_order(saved, capabilities, pinned)[0]
+
+
+def dtype_order(
+    saved: Dtype, capabilities: Capabilities, pinned: Dtype | None = None, kept: Dtype | None = None
+) -> list[DtypeChoice]:
+    """The activation dtypes to try for a variant, first to last (the module docstring says why this order).
+    No precision has a rule of its own: int8 on AMX CPUs had one, and it was wrong (STACK.md, quirk 10)."""
     if pinned is not None:
-        return DtypeChoice(pinned, "pinned in the config")
-    if capabilities.accelerator == "cpu":
-        if precision == "int8" and capabilities.amx and saved != "bfloat16":
-            return DtypeChoice(
-                "bfloat16", "AMX CPU: vLLM's SGL int8 kernel has no float16 output, so int8 runs in bfloat16"
-            )
-        return DtypeChoice(saved, f"the weights' own dtype ({capabilities.describe()})")
-    if saved == "bfloat16" and not capabilities.bf16:
-        return DtypeChoice("float16", "this GPU has no bfloat16 (compute capability below 8.0)")
-    return DtypeChoice(saved, f"the weights' own dtype ({capabilities.describe()})")
+        return [DtypeChoice(pinned, "pinned in the config")]
+    where = capabilities.describe()
+    first = DtypeChoice(saved, f"the weights' own dtype ({where})")
+    if capabilities.accelerator == "cuda" and saved == "bfloat16" and not capabilities.bf16:
+        first = DtypeChoice("float16", "this GPU has no bfloat16 (compute capability below 8.0)")
+    order = [first]
+    other: Dtype = "bfloat16" if first.dtype != "bfloat16" else "float16"
+    if other == "float16" or capabilities.bf16:
+        order.append(DtypeChoice(other, f"the other half-precision dtype, tried when {first.dtype} fails ({where})"))
+    if kept is not None:
+        order = [DtypeChoice(kept, f"passed verification on this machine before ({where})")] + [
+            c for c in order if c.dtype != kept
+        ]
+    return order
 
 
 def choose_compile(capabilities: Capabilities, pinned: bool | None = None) -> bool:

@@ -314,30 +314,47 @@ def watch(
     *,
     describe: Callable[[str], dict[str, Any]],
 ) -> None:
-    """Polls until the application runs, printing each deployment once when it turns healthy;
-    raises `StartupFailed` with Serve's message when one cannot start."""
+    """Polls until the application runs, printing each deployment once when it turns healthy (an engine unfit on
+    this machine once, as out of the rollout); raises `StartupFailed` naming the deployment that failed and why."""
     reported: set[str] = set()
     while True:
         app_status, deployments = states()
         for deployment, (status, message) in deployments.items():
             engine = engines.get(deployment.rpartition(":")[2])  # "VariantServer:variant-fp16" -> fp16
-            if status in ("DEPLOY_FAILED", "UNHEALTHY") or app_status == "DEPLOY_FAILED":
-                what = f"engine {engine}" if engine else deployment
-                raise StartupFailed(f"{what} did not start: {message or app_status}")
+            what = f"engine {engine}" if engine else deployment
+            if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                raise StartupFailed(f"{what} did not start: {reason_of(message) or status}")
             if status == "HEALTHY" and deployment not in reported:
                 reported.add(deployment)
                 clock.say(engine_line(engine, describe(deployment)) if engine else f"{deployment.lower()} ready")
+        if app_status == "DEPLOY_FAILED":  # failed, yet no deployment says so: the application's own message
+            raise StartupFailed(f"the application did not start: {app_status}")
         if app_status == "RUNNING":
             return
         time.sleep(STARTUP_POLL_S)
 
 
+def reason_of(message: str) -> str:
+    """The line of Serve's message that says why (its message carries the constructor's whole traceback): the
+    verification's verdict where there is one, else the exception's last line."""
+    lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "unfit on this machine" in line:
+            return line.split("Unfit: ", 1)[-1]
+    return lines[-1] if lines else ""
+
+
 def engine_line(engine: str, facts: dict[str, Any]) -> str:
+    if facts.get("unfit"):
+        return (
+            f"engine {engine:<6} OUT: {facts['unfit']}; out of the rollout, its tiers are served by their baselines"
+        )
     kernels = ", ".join(k.split("/", 1)[-1] for k in facts.get("linear_kernels", []) if "/" in k)
+    verified = (facts.get("verification") or {}).get("reason")
     return (
         f"engine {engine:<6} ready: {facts.get('precision')}, {facts.get('dtype')} activations"
         f"{', kernels ' + kernels if kernels else ''}"
-        f" (engine {facts.get('engine_start_s')} s, warm-up {facts.get('warm_up_s')} s)"
+        f" (engine {facts.get('engine_start_s')} s{'; ' + verified if verified else ''})"
     )
 
 

@@ -101,6 +101,8 @@ class RouterCore:
         self.shadower.on_compared = self.follower.record
         self.config_version = 0
         self.down_until: dict[str, float] = {}  # candidate -> until when it is passed over (monotonic)
+        # From the controller: variants unfit on this machine (serving.verify), out of the rollout, with why.
+        self.unfit: dict[str, str] = {}
         self.start_series(config)
 
     def in_flight(self, variant: str) -> float:
@@ -154,6 +156,8 @@ class RouterCore:
                 "dtype_reason": facts.get("dtype_reason"),
                 "linear_kernels": facts.get("linear_kernels"),
                 "hardware": facts.get("hardware"),
+                "verification": facts.get("verification"),
+                "unfit": self.unfit.get(name) or facts.get("unfit"),
                 "provenance": self.provenance.get(name),
             }
         return described
@@ -206,6 +210,8 @@ class RouterCore:
         tier = config.tiers[principal.tier]
         if override is not None and not principal.may_override:
             raise Forbidden("this API key may not pin a variant (x-variant)", param="x-variant", code="override_denied")
+        if override in self.unfit:
+            raise Unavailable(f"variant {override} is {self.unfit[override]}", param="x-variant", code="variant_unfit")
         self.quotas.admit(principal.key_id, token_cost(endpoint, parsed, prompt_chars))
         with self.tracer.start_as_current_span("route") as route_span:
             decision = routing.decide(
@@ -229,8 +235,11 @@ class RouterCore:
         shadow = None
         if tier.shadow is not None and parsed.n in (None, 1):
             shadow = self.shadower.pick_target(decision.variant, tier.shadow.target, tier.shadow.rate)
+            if shadow is not None and shadow[0] in self.unfit:
+                shadow = None
         escalate = escalation.plan(config, tier, decision, endpoint, parsed)
-        if decision.reason == "candidate" and self.down_until.get(decision.variant, 0.0) > time.monotonic():
+        passed_over = decision.variant in self.unfit or self.down_until.get(decision.variant, 0.0) > time.monotonic()
+        if decision.reason == "candidate" and passed_over:
             return await self.fall_back(config, principal, endpoint, parsed, decision.variant)
         call = Call(self, principal, decision.variant, endpoint, parsed, shadow, escalate)
         with self.tracer.start_as_current_span("variant call") as call_span:
@@ -559,8 +568,12 @@ def create_app(core_of: Callable[[], RouterCore], startup: list[Hook] | None = N
         core = core_of()
         if core.drain.draining:  # a load balancer stops sending here; the answers in flight run on
             return JSONResponse({"ready": False, "variants": {}, "draining": True}, status_code=503, headers=CLOSE)
-        states = await core.readiness.check(core.variants)
+        # A variant unfit on this machine is out of the rollout, its tiers served by their baselines: the stack
+        # is ready without it (a baseline is never unfit: one that cannot serve stops the start).
+        fit = {name: client for name, client in core.variants.items() if name not in core.unfit}
+        states = await core.readiness.check(fit)
         status = 200 if all(states.values()) else 503
-        return JSONResponse({"ready": status == 200, "variants": states}, status_code=status)
+        body = {"ready": status == 200, "variants": states, "unfit": dict(core.unfit)}
+        return JSONResponse(body, status_code=status)
 
     return app

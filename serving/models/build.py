@@ -72,6 +72,7 @@ def is_current(models: family.Family, variant: family.Variant, folder: Path, bas
         and same_file(folder / "generation_config.json", folder.parent / models.base.folder / "generation_config.json")
         and quant.get("method") == variant.method
         and quant.get("group_size") == variant.group_size
+        and (quant.get("activations") == "asymmetric dynamic per token") == variant.asymmetric_activations
     )
 
 
@@ -153,7 +154,8 @@ def describe(models: family.Family, variant: family.Variant) -> str:
     if variant.is_base:
         return "training tokenizer, initialising weights"
     group = f", group size {variant.group_size}" if variant.group_size else ""
-    return f"{variant.method} {variant.scheme}{group} with llmcompressor"
+    asym = ", asymmetric activations" if variant.asymmetric_activations else ""
+    return f"{variant.method} {variant.scheme}{group}{asym} with llmcompressor"
 
 
 def build_family(

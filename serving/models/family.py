@@ -38,6 +38,10 @@ class Variant:
     method: str | None  # quantization algorithm (gptq | rtn | awq), None for the full-precision base
     scheme: str | None  # compressed-tensors preset scheme
     group_size: int | None = None  # for grouped (W4A16) weights: the preset's own when None
+    # For W8A8: dynamic per-token activations asymmetric (with a zero point) instead of the preset's symmetric.
+    # vLLM sends symmetric int8 layers to its SGL kernel on CPUs with AMX and to oneDNN elsewhere; asymmetric
+    # ones to oneDNN on every x86 CPU, so int8 runs one kernel path, and in float16, everywhere (STACK.md, quirk 10).
+    asymmetric_activations: bool = False
 
     @property
     def is_base(self) -> bool:
@@ -100,7 +104,7 @@ TINY = Family(
     summary="a seeded random-weight Llama of 4 M parameters (noise, but fast)",
     variants=(
         FP16,
-        Variant("int8", "int8-w8a8", "int8", "gptq", "W8A8"),
+        Variant("int8", "int8-w8a8", "int8", "gptq", "W8A8", asymmetric_activations=True),
         Variant("awq", "awq-w4a16", "awq", "awq", "W4A16_ASYM"),
     ),
     calibration=Calibration(seq_len=128, max_blocks=64, dtype="float16", chat_samples=False),
@@ -115,7 +119,7 @@ SMOL = Family(
     summary="SmolLM2-135M-Instruct, a real instruct model (Apache-2.0), dequantized from a Q4_1 GGUF",
     variants=(
         FP16,
-        Variant("int8", "int8-w8a8", "int8", "rtn", "W8A8"),
+        Variant("int8", "int8-w8a8", "int8", "rtn", "W8A8", asymmetric_activations=True),
         Variant("awq", "awq-w4a16", "awq", "awq", "W4A16_ASYM", group_size=64),
     ),
     calibration=Calibration(seq_len=256, max_blocks=16, dtype="float32", chat_samples=True, awq_grid=10),

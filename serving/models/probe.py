@@ -4,10 +4,12 @@ choose it), the kernel behind each kind of linear layer, and greedy completions 
 
 Run as a child process (vLLM spawns its engine process, so this needs its own `__main__`):
 
-    python -m serving.models.probe VARIANT_DIR report.json [EVAL_SET.jsonl]
+    python -m serving.models.probe VARIANT_DIR report.json [EVAL_SET.jsonl] [--dtype DTYPE]
 
-With an evaluation set (`serving.evals`), the report also holds the variant's greedy chat answer to each
-of its prompts and the output tokens per second it took to answer them all (after a warm-up).
+The report always holds the greedy chat answers to the verification facts (`serving.verify`), which
+`serving models build` judges. With an evaluation set (`serving.evals`), it also holds the variant's
+greedy chat answer to each of its prompts and the output tokens per second it took to answer them all
+(after a warm-up). `--dtype` runs the engine in that activation dtype instead of the first of the order.
 `token_agreement` then turns two reports into the offline agreement measure the tests use.
 """
 
@@ -34,17 +36,16 @@ def prompts() -> list[str]:
     return [" ".join(p.split()[:10]) for p in paragraphs[::step][:NUM_PROMPTS]]
 
 
-def probe(folder: Path, eval_set: Path | None = None) -> dict[str, Any]:
+def probe(folder: Path, eval_set: Path | None = None, dtype: str | None = None) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
     from serving import hardware
     from serving.kernels import WORKER_EXTENSION, merge
-    from serving.models import manifest
 
-    # The same dtype choice the served engines take, from the same capability probe.
+    # The same first choice the served engines take, from the same capability probe, unless told another.
     capabilities = hardware.detect()
-    precision = manifest.read_manifest(folder)["precision"]
-    choice = hardware.choose_dtype(precision, hardware.weights_dtype(folder), capabilities)
+    pinned = dtype if dtype in hardware.DTYPES else None
+    choice = hardware.choose_dtype(hardware.weights_dtype(folder), capabilities, pinned)
     llm = LLM(
         model=str(folder),
         max_model_len=1024,
@@ -58,6 +59,7 @@ def probe(folder: Path, eval_set: Path | None = None) -> dict[str, Any]:
     answers = answer_eval_set(llm, eval_set) if eval_set else {}
     return {
         **answers,
+        "verification_answers": answer_facts(llm),
         "folder": str(folder),
         "hardware": capabilities.as_dict(),
         "dtype_choice": {"dtype": choice.dtype, "reason": choice.reason},
@@ -67,6 +69,18 @@ def probe(folder: Path, eval_set: Path | None = None) -> dict[str, Any]:
         "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
         "texts": [o.outputs[0].text for o in outputs],
     }
+
+
+def answer_facts(llm: Any) -> list[dict[str, str]]:
+    """Greedy chat answers to the verification facts, as a served engine gives them at start-up."""
+    from vllm import SamplingParams
+
+    from serving import verify
+
+    items = verify.facts()
+    chats = [[{"role": "user", "content": item.prompt}] for item in items]
+    outputs = llm.chat(chats, SamplingParams(temperature=0.0, max_tokens=verify.MAX_TOKENS), use_tqdm=False)
+    return [{"id": i.id, "prompt": i.prompt, "text": o.outputs[0].text} for i, o in zip(items, outputs, strict=True)]
 
 
 def answer_eval_set(llm: Any, path: Path) -> dict[str, Any]:
@@ -102,8 +116,11 @@ def token_agreement(reference: list[list[int]], candidate: list[list[int]]) -> f
     return sum(pair_agreement(r, c) for r, c in zip(reference, candidate, strict=True)) / len(reference)
 
 
-def run_probe(folder: Path, eval_set: Path | None = None, python: str = sys.executable) -> dict[str, Any]:
-    """Runs `probe` in a child process and returns its report."""
+def run_probe(
+    folder: Path, eval_set: Path | None = None, python: str = sys.executable, dtype: str | None = None
+) -> dict[str, Any]:
+    """Runs `probe` in a child process and returns its report; raises `RuntimeError` with the child's
+    error output when the engine fails."""
     import subprocess
     import tempfile
 
@@ -118,6 +135,7 @@ def run_probe(folder: Path, eval_set: Path | None = None, python: str = sys.exec
                 str(folder),
                 str(report_path),
                 *([str(eval_set)] if eval_set else []),
+                *(["--dtype", dtype] if dtype else []),
             ],
             env=env,
             capture_output=True,
@@ -130,5 +148,17 @@ def run_probe(folder: Path, eval_set: Path | None = None, python: str = sys.exec
     return report
 
 
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("report", type=Path)
+    parser.add_argument("eval_set", type=Path, nargs="?")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"])
+    args = parser.parse_args(argv)
+    args.report.write_text(json.dumps(probe(args.folder, args.eval_set, args.dtype)))
+
+
 if __name__ == "__main__":
-    Path(sys.argv[2]).write_text(json.dumps(probe(Path(sys.argv[1]), Path(sys.argv[3]) if len(sys.argv) > 3 else None)))
+    main()

@@ -56,15 +56,22 @@ def allow_cpu_only_awq() -> None:
 
 def quantization(variant: family.Variant) -> dict[str, Any]:
     """The modifier arguments that say what to quantize and how: the preset scheme, or the preset with
-    the variant's own group size."""
-    if variant.group_size is None:
+    the variant's own group size or asymmetric activations."""
+    if variant.group_size is None and not variant.asymmetric_activations:
         return {"targets": "Linear", "scheme": variant.scheme, "ignore": ["lm_head"]}
     from compressed_tensors.quantization import QuantizationScheme, preset_name_to_scheme
 
     preset = preset_name_to_scheme(variant.scheme, ["Linear"])
     assert preset.weights is not None
-    weights = preset.weights.model_copy(update={"group_size": variant.group_size})
-    scheme = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=preset.input_activations)
+    weights = preset.weights
+    if variant.group_size is not None:
+        weights = weights.model_copy(update={"group_size": variant.group_size})
+    activations = preset.input_activations
+    if variant.asymmetric_activations:
+        assert activations is not None
+        assert activations.dynamic, "asymmetric activations need dynamic ones"
+        activations = activations.model_copy(update={"symmetric": False})
+    scheme = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=activations)
     return {"config_groups": {"group_0": scheme}, "ignore": ["lm_head"]}
 
 
@@ -133,6 +140,7 @@ def quantize(models: family.Family, variant: family.Variant, base: Path, out: Pa
                 "method": variant.method,
                 "scheme": variant.scheme,
                 "group_size": variant.group_size,
+                "activations": "asymmetric dynamic per token" if variant.asymmetric_activations else "as the preset",
                 "format": "compressed-tensors",
                 "ignore": ["lm_head"],
                 "tool": "llmcompressor",

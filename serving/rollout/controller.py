@@ -34,6 +34,7 @@ from serving.rollout.signals import (
     RequestSignal,
     Signal,
     Snapshot,
+    VariantUnfit,
 )
 
 logger = logging.getLogger("serving.rollout")
@@ -68,6 +69,7 @@ class TierStatus(BaseModel):
     phase: Phase
     baseline: str
     candidate: str | None
+    unfit: str | None = Field(None, description="why the candidate is unfit on this machine: out of the rollout")
     configured_weight: float = Field(ge=0, le=100, description="the config's weight (a progression's start)")
     live_weight: float = Field(ge=0, le=100, description="the weight the routers use now")
     progression: dict[str, float] | None
@@ -151,6 +153,9 @@ class Rollout:
         self.batches: OrderedDict[str, None] = OrderedDict()  # signal batches taken (serving.rollout.follower)
         self.window_saved_at = self.clock()
         self.published_weights: set[tuple[str, str]] = set()  # (tier, candidate) series of the weight gauge
+        # Variants their own replicas found unfit on this machine (serving.verify): out of every tier's rollout
+        # while this controller runs. Not saved: a fresh start proves each variant anew.
+        self.unfit: dict[str, str] = {}
         self.resume_window()
         self.apply_tiers(config, first=True)
 
@@ -237,7 +242,7 @@ class Rollout:
         live = {}
         for name, tier in self.config.tiers.items():
             phase = Phase(self.state["tiers"][name]["phase"])
-            held = phase is Phase.ROLLED_BACK or "fail_safe" in self.state
+            held = phase is Phase.ROLLED_BACK or "fail_safe" in self.state or tier.candidate in self.unfit
             live[name] = 0.0 if held else self.live_weight(name, tier)
         return live
 
@@ -322,6 +327,16 @@ class Rollout:
         """An engine replica's start, kept in the window (and saved with it) like any signal."""
         logger.info("replica %s of %s started at %.3f", signal.replica, signal.variant, signal.started_at)
         self.report([signal])
+
+    def variant_unfit(self, signal: VariantUnfit) -> None:
+        """A variant unfit on this machine leaves every tier's rollout at once: weight 0, told once per tier."""
+        if self.unfit.get(signal.variant) == signal.reason:
+            return  # the replica's reminder
+        self.unfit[signal.variant] = signal.reason
+        for name, tier in self.config.tiers.items():
+            if tier.candidate == signal.variant:
+                emit_event("Warning", "Unfit", name, f"{signal.variant} out of the rollout: {signal.reason}")
+        self.publish_weights()
 
     def warm_ups(self, tier: TierConfig, since: float) -> list[WarmUp]:
         """The replica starts of a tier's variants whose first seconds reach into what is judged."""
@@ -548,6 +563,7 @@ class Rollout:
             weights=self.weights(),
             secret=self.state["secret"],
             fail_safe=self.state.get("fail_safe"),
+            unfit=dict(self.unfit),
         )
 
     def status(self) -> RolloutStatus:
@@ -561,6 +577,7 @@ class Rollout:
                     phase=self.state["tiers"][name]["phase"],
                     baseline=tier.baseline,
                     candidate=tier.candidate,
+                    unfit=self.unfit.get(tier.candidate) if tier.candidate else None,
                     configured_weight=tier.weight,
                     live_weight=weights[name],
                     progression=tier.progression.model_dump() if tier.progression else None,
@@ -631,6 +648,9 @@ class RolloutController:
     async def replica_started(self, signal: ReplicaStarted) -> None:
         self.rollout.replica_started(signal)
 
+    async def variant_unfit(self, signal: VariantUnfit) -> None:
+        self.rollout.variant_unfit(signal)
+
     async def apply(self, config_json: str) -> int:
         return self.rollout.apply(Config.model_validate_json(config_json))
 
@@ -667,6 +687,35 @@ def controller(config_json: str | None = None, *, recover: bool = False) -> Any:
     ).remote(config_json, recover)
 
 
+async def announce_unfit(
+    signal: VariantUnfit, lookup: Callable[[], Any] = controller, *, tries: int = 60, pause_s: float = 2.0
+) -> bool:
+    """Tells the rollout controller that a variant is unfit on this machine; retried like `announce_started`."""
+
+    async def deliver() -> None:
+        handle = await asyncio.to_thread(lookup)
+        await handle.variant_unfit.remote(signal)
+
+    return await deliver_with_retries(deliver, f"{signal.variant} is unfit", tries=tries, pause_s=pause_s)
+
+
+async def deliver_with_retries(
+    deliver: Callable[[], Any], what: str, *, tries: int, pause_s: float, timeout_s: float = 10.0
+) -> bool:
+    """Runs `deliver` until it succeeds (there may be no controller yet: on a first deploy the engines may be
+    ready before a router creates it), then gives up with a warning."""
+    last: Exception | None = None
+    for _ in range(tries):
+        try:
+            await asyncio.wait_for(deliver(), timeout_s)
+            return True
+        except Exception as exc:  # not there yet, restarting, or a timeout: try again
+            last = exc
+        await asyncio.sleep(pause_s)
+    logger.warning("could not tell the rollout controller that %s: %r", what, last)
+    return False
+
+
 async def announce_started(
     signal: ReplicaStarted,
     lookup: Callable[[], Any] = controller,
@@ -683,13 +732,6 @@ async def announce_started(
         handle = await asyncio.to_thread(lookup)  # Ray's actor lookup blocks
         await handle.replica_started.remote(signal)
 
-    last: Exception | None = None
-    for _ in range(tries):
-        try:
-            await asyncio.wait_for(deliver(), timeout_s)
-            return True
-        except Exception as exc:  # not there yet, restarting, or a timeout: try again
-            last = exc
-        await asyncio.sleep(pause_s)
-    logger.warning("could not tell the rollout controller that %s started: %r", signal.replica, last)
-    return False
+    return await deliver_with_retries(
+        deliver, f"{signal.replica} started", tries=tries, pause_s=pause_s, timeout_s=timeout_s
+    )

@@ -66,6 +66,19 @@ class ReplicaStarted:
     version: int = VERSION
 
 
+@dataclass(frozen=True, slots=True)
+class VariantUnfit:
+    """A replica of `variant` found it unfit on this machine (serving.verify): it crashed, or answered too far
+    from the reference. Sent by the replica itself (serving.engine), again every so often; the controller takes
+    the variant out of every tier's rollout for as long as it runs (not saved: the next start proves it anew)."""
+
+    variant: str
+    replica: str
+    reason: str
+    at: float
+    version: int = VERSION
+
+
 Signal = RequestSignal | ComparisonSignal | FeedbackSignal | ReplicaStarted
 
 
@@ -80,6 +93,9 @@ class Snapshot(BaseModel):
     weights: dict[str, float] = Field(description="the live canary weight of each tier, percent")
     secret: str = Field(description="hex; shared by every router replica")
     fail_safe: str | None = Field(None, description="why every candidate is held at 0, when the state was damaged")
+    unfit: dict[str, str] = Field(
+        default_factory=dict, description="variant -> why it is unfit on this machine: out of the rollout"
+    )
 
 
 TYPES: dict[str, type[Signal]] = {

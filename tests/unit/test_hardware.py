@@ -1,5 +1,6 @@
-"""Every branch of the activation-dtype choice, with the capability probe faked: the machine running
-the tests can take only one branch for real (the integration tests check that one on real engines)."""
+"""Every branch of the activation-dtype order, with the capability probe faked: the machine running the tests
+can take only one branch for real (the integration tests check that one on real engines, and the engines
+prove whichever they take: serving.verify)."""
 
 from __future__ import annotations
 
@@ -20,45 +21,45 @@ AMPERE = Capabilities("cuda", "NVIDIA A100", cuda_capability=(8, 0))
 TURING = Capabilities("cuda", "Tesla T4", cuda_capability=(7, 5))
 
 
-def test_int8_on_an_amx_cpu_runs_in_bfloat16() -> None:
-    choice = choose_dtype("int8", "float16", AMX_CPU)
-    assert choice.dtype == "bfloat16"
-    assert "AMX" in choice.reason
-    assert "SGL" in choice.reason
+@pytest.mark.parametrize("cpu", [AMX_CPU, AVX512_CPU, AVX2_CPU], ids=["amx", "avx512", "avx2"])
+def test_every_cpu_tries_the_weights_dtype_first_then_bfloat16(cpu: Capabilities) -> None:
+    """No CPU flag decides a dtype any more (int8 on AMX in bfloat16 answered garbage: STACK.md, quirk 10): the
+    weights' own dtype is tried first on every CPU, AMX or not, and the other half-precision dtype after it."""
+    order = hardware.dtype_order("float16", cpu)
+    assert [c.dtype for c in order] == ["float16", "bfloat16"]
+    assert cpu.device in order[0].reason
+    assert choose_dtype("float16", cpu) == order[0]
 
 
-@pytest.mark.parametrize("precision", ["fp16", "awq"])
-def test_other_precisions_on_an_amx_cpu_keep_the_weights_dtype(precision: str) -> None:
-    assert choose_dtype(precision, "float16", AMX_CPU).dtype == "float16"
+def test_bfloat16_weights_try_float16_second() -> None:
+    assert [c.dtype for c in hardware.dtype_order("bfloat16", AMX_CPU)] == ["bfloat16", "float16"]
 
 
-@pytest.mark.parametrize("cpu", [AVX512_CPU, AVX2_CPU], ids=["avx512", "avx2"])
-@pytest.mark.parametrize("precision", ["fp16", "int8", "awq"])
-def test_cpus_without_amx_keep_the_weights_dtype(cpu: Capabilities, precision: str) -> None:
-    choice = choose_dtype(precision, "float16", cpu)
-    assert choice.dtype == "float16"
-    assert cpu.device in choice.reason
-
-
-def test_bfloat16_weights_stay_bfloat16_on_an_amx_cpu() -> None:
-    assert choose_dtype("int8", "bfloat16", AMX_CPU).dtype == "bfloat16"
-
-
-def test_a_gpu_without_bfloat16_serves_bfloat16_weights_in_float16() -> None:
-    choice = choose_dtype("bf16", "bfloat16", TURING)
-    assert choice.dtype == "float16"
-    assert "8.0" in choice.reason
+def test_a_gpu_without_bfloat16_serves_bfloat16_weights_in_float16_and_never_tries_bfloat16() -> None:
+    order = hardware.dtype_order("bfloat16", TURING)
+    assert [c.dtype for c in order] == ["float16"]
+    assert "8.0" in order[0].reason
 
 
 @pytest.mark.parametrize(("saved", "gpu"), [("bfloat16", AMPERE), ("float16", AMPERE), ("float16", TURING)])
 def test_a_gpu_that_can_run_the_weights_dtype_keeps_it(saved: hardware.Dtype, gpu: Capabilities) -> None:
-    assert choose_dtype("int8", saved, gpu).dtype == saved
+    assert choose_dtype(saved, gpu).dtype == saved
+
+
+def test_a_float16_model_on_a_gpu_without_bfloat16_has_one_choice() -> None:
+    assert [c.dtype for c in hardware.dtype_order("float16", TURING)] == ["float16"]
 
 
 @pytest.mark.parametrize("capabilities", [AMX_CPU, AVX2_CPU, AMPERE, TURING])
-def test_a_pin_in_the_config_always_wins(capabilities: Capabilities) -> None:
-    choice = choose_dtype("int8", "float16", capabilities, pinned="float32")
-    assert (choice.dtype, choice.reason) == ("float32", "pinned in the config")
+def test_a_pin_in_the_config_always_wins_and_is_the_only_choice(capabilities: Capabilities) -> None:
+    order = hardware.dtype_order("float16", capabilities, pinned="float32", kept="bfloat16")
+    assert [(c.dtype, c.reason) for c in order] == [("float32", "pinned in the config")]
+
+
+def test_the_dtype_that_passed_on_this_machine_is_tried_first() -> None:
+    order = hardware.dtype_order("float16", AMX_CPU, kept="bfloat16")
+    assert [c.dtype for c in order] == ["bfloat16", "float16"]
+    assert "passed verification on this machine" in order[0].reason
 
 
 def test_descriptions_name_the_features_that_decide() -> None:
@@ -88,7 +89,7 @@ def test_detect_reads_the_cpu_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_torch(monkeypatch, cuda=None, amx=True)
     found = hardware.detect()
     assert (found.accelerator, found.amx, found.avx512, found.avx512_bf16) == ("cpu", True, True, True)
-    assert choose_dtype("int8", "float16", found).dtype == "bfloat16"
+    assert choose_dtype("float16", found).dtype == "float16"
 
 
 def test_detect_prefers_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -146,4 +147,4 @@ def test_nvidia_smi_output_is_parsed_and_its_failure_is_safe() -> None:
     unknown = hardware.nvidia_smi_gpu(missing)
     assert unknown.accelerator == "cuda"
     assert not unknown.bf16  # so bfloat16 weights are served in float16, which every GPU runs
-    assert choose_dtype("bf16", "bfloat16", unknown).dtype == "float16"
+    assert choose_dtype("bfloat16", unknown).dtype == "float16"
