@@ -153,10 +153,8 @@ class VariantServer(LLMServer):  # type: ignore[misc]
             self.announcing = asyncio.get_running_loop().create_task(self.announce_unfit())
             return
         logger.info("variant %s ready: %s", variant, self.facts)
-        # The rollout controller leaves this variant's latency samples of the next seconds out of its checks
-        # (serving.rollout.signals.ReplicaStarted). Beside the start, never in its way; kept from the GC.
-        started_signal = ReplicaStarted(variant, replica_name(), time.time())
-        self.announcing = asyncio.get_running_loop().create_task(announce_started(started_signal))
+        # Beside the start, never in its way.
+        self.announcing = asyncio.get_running_loop().create_task(self.announce_started())
 
     async def prove(
         self, llm_config: Any, choices: list[DtypeChoice], plan: Verification, reference: Any
@@ -169,11 +167,8 @@ class VariantServer(LLMServer):  # type: ignore[misc]
         for choice in choices:
             llm_config.update_engine_kwargs(dtype=choice.dtype)
             try:
-                if first:
-                    first = False
-                    await super().__init__(llm_config, engine_cls=engine_class(self._get_default_engine_class()))
-                else:
-                    await self.start()
+                await self.start_engine(llm_config, first)
+                first = False
                 mine = await self.answer_facts()
             except Exception as exc:  # the engine could not start or answer in this dtype
                 logger.warning("variant %s failed in %s: %r", self.variant, choice.dtype, exc)
@@ -195,6 +190,13 @@ class VariantServer(LLMServer):  # type: ignore[misc]
             last = verdict
             await self.stop_engine()
         return verify.unfit(self.variant, attempts, last), None
+
+    async def start_engine(self, llm_config: Any, first: bool) -> None:
+        """LLMServer's own start: its constructor the first time, a new engine (`start`) after a failed try."""
+        if first or not hasattr(self, "_llm_config"):
+            await super().__init__(llm_config, engine_cls=engine_class(self._get_default_engine_class()))
+        else:
+            await self.start()
 
     async def answer_facts(self) -> tuple[verify.Answer, ...]:
         """The greedy chat answers to the verification facts, all at once (the first also warms the engine)."""
@@ -250,6 +252,11 @@ class VariantServer(LLMServer):  # type: ignore[misc]
                 await engine.shutdown()
         except Exception as exc:
             logger.warning("stopping the engine of %s: %r", self.variant, exc)
+
+    async def announce_started(self) -> None:
+        """The rollout controller leaves this variant's latency samples of the next seconds out of its checks
+        (serving.rollout.signals.ReplicaStarted)."""
+        await announce_started(ReplicaStarted(self.variant, replica_name(), time.time()))
 
     async def announce_unfit(self) -> None:
         signal = VariantUnfit(self.variant, replica_name(), self.unfit or "unfit", time.time())
