@@ -24,7 +24,7 @@ def normalize(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def token_agreement(primary: Sequence[object], shadow: Sequence[object]) -> float:
+def token_agreement(primary: Sequence[int], shadow: Sequence[int]) -> float:
     """The share of positions where the two token sequences agree; missing positions disagree."""
     length = max(len(primary), len(shadow))
     if length == 0:

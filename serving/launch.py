@@ -346,9 +346,7 @@ def reason_of(message: str) -> str:
 
 def engine_line(engine: str, facts: dict[str, Any]) -> str:
     if facts.get("unfit"):
-        return (
-            f"engine {engine:<6} OUT: {facts['unfit']}; out of the rollout, its tiers are served by their baselines"
-        )
+        return f"engine {engine:<6} OUT: {facts['unfit']}; out of the rollout, its tiers are served by their baselines"
     kernels = ", ".join(k.split("/", 1)[-1] for k in facts.get("linear_kernels", []) if "/" in k)
     verified = (facts.get("verification") or {}).get("reason")
     return (

@@ -18,7 +18,11 @@ from serving.models import family, probe
 
 
 def verify_variant(
-    folder: Path, name: str, reference: str | None, reference_answers: tuple[verify.Answer, ...]
+    folder: Path,
+    name: str,
+    reference: str | None,
+    reference_answers: tuple[verify.Answer, ...],
+    floor: float = verify.MIN_AGREEMENT,
 ) -> verify.Verdict:
     """Probes the variant in each dtype in turn until one passes; the verdict holds every attempt."""
     from serving import hardware
@@ -35,7 +39,7 @@ def verify_variant(
             attempts.append(verify.crashed(name, choice.dtype, RuntimeError(lines[-1] if lines else str(exc))))
             continue
         answers = verify.answers_from(report["verification_answers"])
-        verdict = verify.judge(name, choice.dtype, answers, reference, reference_answers)
+        verdict = verify.judge(name, choice.dtype, answers, reference, reference_answers, floor)
         if verdict.fit:
             attempts.append(verify.Attempt(choice.dtype, "passed"))
             kernels = ", ".join(k.split("/", 1)[-1] for k in report["linear_kernels"] if "/" in k)
@@ -63,7 +67,7 @@ def verify_family(models: family.Family, out: Path) -> dict[str, verify.Verdict]
             verdict = verdict_from(entry["verdict"])
             said = "verified before"
         else:
-            verdict = verify_variant(folder, variant.name, reference, reference_answers)
+            verdict = verify_variant(folder, variant.name, reference, reference_answers, models.min_agreement)
             verify.write_entry(folder, verdict, found)
             said = f"verified in {time.monotonic() - started:.0f} s"
         if variant.is_base:
