@@ -44,6 +44,10 @@ CONTROLLER_NAME = "serving-rollout-controller"
 MAX_HISTORY = 50
 MAX_BATCHES = 100_000  # batch ids of delivered signals, to drop a batch a router sent again
 MAX_SAVED_BATCHES = 1_000  # enough for the batches of every router since the last save
+# A candidate whose replicas start this many times more than it has replicas, within the window, keeps dying after
+# its verification passed: it is taken out of the rollout (unfit) instead of being retried on the hot path.
+MAX_RESTARTS = 3
+RESTART_WINDOW_S = 600.0
 MAX_VOTES = 1_000_000  # response ids that had feedback; ~100 MB at worst, far more than one tier's votes a day
 
 
@@ -156,6 +160,7 @@ class Rollout:
         # Variants their own replicas found unfit on this machine (serving.verify): out of every tier's rollout
         # while this controller runs. Not saved: a fresh start proves each variant anew.
         self.unfit: dict[str, str] = {}
+        self.starts: dict[str, deque[float]] = {}  # variant -> when its replicas started, within RESTART_WINDOW_S
         self.resume_window()
         self.apply_tiers(config, first=True)
 
@@ -327,6 +332,25 @@ class Rollout:
         """An engine replica's start, kept in the window (and saved with it) like any signal."""
         logger.info("replica %s of %s started at %.3f", signal.replica, signal.variant, signal.started_at)
         self.report([signal])
+        self.count_start(signal)
+
+    def count_start(self, signal: ReplicaStarted) -> None:
+        """Takes a candidate whose replicas keep dying (MAX_RESTARTS) out of the rollout; a baseline is never."""
+        now = self.clock()
+        starts = self.starts.setdefault(signal.variant, deque())
+        starts.append(now)
+        while starts[0] < now - RESTART_WINDOW_S:
+            starts.popleft()
+        variant = self.config.variants.get(signal.variant)
+        baselines = {tier.baseline for tier in self.config.tiers.values()}
+        if variant is None or signal.variant in baselines or signal.variant in self.unfit:
+            return
+        if len(starts) - variant.most_replicas() >= MAX_RESTARTS:
+            why = (
+                f"unfit on this machine: its replicas started {len(starts)} times in {RESTART_WINDOW_S / 60:g} "
+                f"minutes for {variant.most_replicas()} replica(s): it keeps dying after its verification passed"
+            )
+            self.variant_unfit(VariantUnfit(signal.variant, signal.replica, why, now))
 
     def variant_unfit(self, signal: VariantUnfit) -> None:
         """A variant unfit on this machine leaves every tier's rollout at once: weight 0, told once per tier."""

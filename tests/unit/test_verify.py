@@ -20,7 +20,7 @@ from serving.engine import Unfit, VariantServer, Verification
 from serving.hardware import Capabilities
 from serving.models.manifest import MANIFEST_NAME
 from serving.rollout.controller import Rollout
-from serving.rollout.signals import VariantUnfit
+from serving.rollout.signals import ReplicaStarted, VariantUnfit
 from serving.router import RouterCore, create_app
 from serving.variants import FakeVariant
 from tests.clock import Clock
@@ -339,6 +339,33 @@ def test_the_controller_takes_an_unfit_candidate_out_of_every_tier_it_is_candida
     assert status["standard"].unfit is None
     assert caplog.text.count("reason=Unfit object=tier/batch") == 1
     assert "crashed" not in (tmp_path / "state.json").read_text()  # not saved: the next start proves it anew
+
+
+def tiny_rollout(tmp_path: Path, clock: Clock) -> Rollout:
+    config = load_config(REPO / "deploy" / "tiny.yaml")
+    rollback = config.rollback.model_copy(update={"state_file": tmp_path / "state.json"})
+    return Rollout(config.model_copy(update={"rollback": rollback}), clock)
+
+
+def test_a_candidate_whose_replica_keeps_dying_is_taken_out_and_a_baseline_never(tmp_path: Path) -> None:
+    clock = Clock()
+    rollout = tiny_rollout(tmp_path, clock)
+    for n in range(4):  # the first start and three restarts of its one replica, a minute apart
+        rollout.replica_started(ReplicaStarted("awq", f"r{n}", clock.now))
+        rollout.replica_started(ReplicaStarted("int8", f"r{n}", clock.now))  # batch's baseline
+        clock.now += 60
+    assert set(rollout.unfit) == {"awq"}
+    assert "its replicas started 4 times in 10 minutes for 1 replica(s)" in rollout.unfit["awq"]
+    assert rollout.weights()["batch"] == 0.0
+
+
+def test_restarts_spread_wider_than_the_window_are_not_a_crash_loop(tmp_path: Path) -> None:
+    clock = Clock()
+    rollout = tiny_rollout(tmp_path, clock)
+    for n in range(6):
+        rollout.replica_started(ReplicaStarted("awq", f"r{n}", clock.now))
+        clock.now += 301  # at most two starts in any ten minutes
+    assert rollout.unfit == {}
 
 
 ADMIN = {"authorization": "Bearer demo-admin"}
