@@ -30,18 +30,17 @@ def answers_of(folder: Path, dtype: str | None = None) -> tuple[verify.Answer, .
 
 def measure(models: family.Family, folder: Path) -> dict[str, Any]:
     reference = answers_of(folder / models.base.folder)
-    rows: dict[str, Any] = {}
+    said: dict[str, tuple[verify.Answer, ...]] = {}
     for variant in models.quantized:
-        mine = answers_of(folder / variant.folder)
-        rows[variant.name] = verify.agreement(mine, reference)
+        said[variant.name] = answers_of(folder / variant.folder)
     with tempfile.TemporaryDirectory() as scratch:
-        garbled = broken.garble(folder / models.base.folder, Path(scratch) / "garbled")
-        rows["garbled fp16"] = verify.agreement(answers_of(garbled), reference)
+        said["garbled fp16"] = answers_of(broken.garble(folder / models.base.folder, Path(scratch) / "garbled"))
+    rows = {name: verify.agreement(mine, reference) for name, mine in said.items()}
     france = [verify.Answer(reference[0].id, reference[0].prompt, AMX_GARBAGE)]
     rows["AMX bfloat16 garbage (1 fact)"] = verify.agreement(france, reference[:1])
     return {
-        "reference_answers": [a.text for a in reference],
         "agreement": {name: {"agreement": round(score, 3), "same": same} for name, (score, same) in rows.items()},
+        "answers": {"fp16": [a.text for a in reference]} | {n: [a.text for a in a_] for n, a_ in said.items()},
     }
 
 

@@ -123,7 +123,7 @@ class VariantConfig(Scaling):
         "in serving.hardware.dtype_order's order",
     )
     min_agreement: float = Field(
-        0.15,
+        0.3,
         ge=0,
         le=1,
         description="the floor of word agreement with the reference (the first full-precision variant) on the "

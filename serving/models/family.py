@@ -81,7 +81,7 @@ class Family:
     # Sampling defaults written to generation_config.json, which vLLM applies to requests that set none.
     sampling: tuple[tuple[str, float], ...] = ()
     # The verification floor of word agreement with fp16 (serving.verify) for `serving models build`.
-    min_agreement: float = 0.15
+    min_agreement: float = 0.3
 
     @property
     def base(self) -> Variant:

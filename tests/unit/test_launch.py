@@ -77,14 +77,14 @@ def test_an_unfit_candidate_is_said_once_and_the_start_goes_on(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("serving.launch.STARTUP_POLL_S", 0)
-    unfit = {**FACTS, "unfit": "unfit on this machine: agreement 0.02 with fp16 is below the floor 0.15"}
+    unfit = {**FACTS, "unfit": "unfit on this machine: agreement 0.02 with fp16 is below the floor 0.3"}
     healthy = {"Router": ("HEALTHY", ""), "VariantServer:variant-int8": ("HEALTHY", "")}
     states = states_from(("DEPLOYING", healthy), ("DEPLOYING", healthy), ("RUNNING", healthy))
     watch(states, ENGINES, Clock(), describe=lambda deployment: unfit)
     lines = [line.split("] ", 1)[1] for line in capsys.readouterr().out.splitlines()]
     assert lines == [
         "router ready",
-        "engine int8   OUT: unfit on this machine: agreement 0.02 with fp16 is below the floor 0.15; "
+        "engine int8   OUT: unfit on this machine: agreement 0.02 with fp16 is below the floor 0.3; "
         "out of the rollout, its tiers are served by their baselines",
     ]
 

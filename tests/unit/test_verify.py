@@ -68,9 +68,17 @@ def test_garbage_is_unfit_with_the_answers_side_by_side() -> None:
     verdict = verify.judge("int8", "bfloat16", answers(GARBAGE), "fp16", answers(RIGHT))
     assert not verdict.fit
     assert verdict.agreement == 0.0
-    assert "below the floor 0.15 in bfloat16" in verdict.reason
+    assert "below the floor 0.3 in bfloat16" in verdict.reason
     assert "int8 said \"L'Étoile, la Cité" in verdict.reason
     assert "fp16 said 'The capital is" in verdict.reason
+
+
+def test_garbage_that_echoes_the_question_does_not_agree() -> None:
+    """The words the question already says do not count: "la France, la France" says nothing of Paris."""
+    france = answers(RIGHT)[:1]
+    echo = (verify.Answer(france[0].id, france[0].prompt, GARBAGE),)
+    assert verify.agreement(echo, france) == (0.0, 0)
+    assert verify.answer_words(france[0]) == ["paris"]
 
 
 def test_the_floor_is_the_callers() -> None:
