@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from serving.engine.hardware import host
 from serving.evals import DEMO_SET, is_refusal, load_eval_set, matches
-from serving.hardware import host
 from serving.models import family, manifest, probe
 
 REPO = Path(__file__).resolve().parents[1]

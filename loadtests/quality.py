@@ -33,9 +33,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.config import hash_key
+from serving.engine.hardware import host
 from serving.evals import load_eval_set
-from serving.hardware import host
-from serving.launch import METRICS_REPORT_INTERVAL_MS
+from serving.ops.launch import METRICS_REPORT_INTERVAL_MS
 
 REPO = Path(__file__).resolve().parents[1]
 PORT, METRICS_PORT = 18_421, 18_422
@@ -132,7 +132,7 @@ def drive(key: str, pair: tuple[str, str], wanted: int, max_tokens: int) -> dict
 
 def serve(config: Path, log: Path) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "serving.cli", "serve", "--config", str(config)],
+        [sys.executable, "-m", "serving.ops.cli", "serve", "--config", str(config)],
         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
     )  # fmt: skip
     deadline = time.monotonic() + 900
@@ -147,7 +147,7 @@ def serve(config: Path, log: Path) -> subprocess.Popen[bytes]:
 
 
 def apply(config: Path) -> None:
-    subprocess.run([sys.executable, "-m", "serving.cli", "apply", str(config)], check=True, cwd=REPO)
+    subprocess.run([sys.executable, "-m", "serving.ops.cli", "apply", str(config)], check=True, cwd=REPO)
     time.sleep(5)  # the routers take the new config within a second or two
 
 

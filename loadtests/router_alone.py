@@ -48,12 +48,12 @@ def deploy(config_path: Path) -> None:
     import ray
     from ray import serve
 
-    from serving.app import Router
     from serving.config import load_config
-    from serving.launch import set_fast_path_env
-    from serving.protocol import parse_request, sse
+    from serving.deploy.app import Router
+    from serving.intake.protocol import parse_request, sse
+    from serving.ops.launch import set_fast_path_env
     from serving.rollout.controller import NAMESPACE
-    from serving.variants import FakeVariant
+    from serving.variants.client import FakeVariant
 
     @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
     class InstantEngine:

@@ -43,7 +43,7 @@ from prometheus_client.parser import text_string_to_metric_families
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import profiling
 
-from serving.launch import METRICS_REPORT_INTERVAL_MS
+from serving.ops.launch import METRICS_REPORT_INTERVAL_MS
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable

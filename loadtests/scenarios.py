@@ -143,7 +143,7 @@ class Run:
         """Edits the config file and applies it with the documented command, as an operator would."""
         self.config["tiers"][tier]["weight"] = weight
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
-        command = [sys.executable, "-m", "serving.cli", "apply", str(self.config_path)]
+        command = [sys.executable, "-m", "serving.ops.cli", "apply", str(self.config_path)]
         done = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise SystemExit(f"serving apply failed: {done.stdout}{done.stderr}")
@@ -227,7 +227,7 @@ def main() -> int:
     config = run_config(args.family_dir, state)
     config_path = state / "config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    stack = start([sys.executable, "-m", "serving.cli", "serve", "--config", str(config_path)], out / "serve.log")
+    stack = start([sys.executable, "-m", "serving.ops.cli", "serve", "--config", str(config_path)], out / "serve.log")
     run = Run(out, config_path, config, args.max_requests)
     try:
         wait_for(f"{BASE}/ready", stack, "the stack")

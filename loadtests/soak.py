@@ -212,7 +212,7 @@ def main() -> int:
     config = soak_config(args.family_dir, state, args.twin)
     config_path = state / "config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    stack = start([sys.executable, "-m", "serving.cli", "serve", "--config", str(config_path)], out / "serve.log")
+    stack = start([sys.executable, "-m", "serving.ops.cli", "serve", "--config", str(config_path)], out / "serve.log")
     run = Soak(out, config_path, config, args.max_requests, twin=args.twin)
     import ray
 

@@ -70,7 +70,7 @@ def main() -> int:
             print(
                 f"[{time.strftime('%H:%M:%S')}] " + ", ".join(f"{k}->{v}: {n}" for (k, v), n in sorted(served.items()))
             )
-    subprocess.run([sys.executable, "-m", "serving.cli", "rollout", "status"], cwd=REPO, check=False)
+    subprocess.run([sys.executable, "-m", "serving.ops.cli", "rollout", "status"], cwd=REPO, check=False)
     return 0
 
 

@@ -1,5 +1,5 @@
 """Where the verification floor comes from: each built variant's agreement with fp16 on the verification facts
-(`serving.verify`, as the engines judge it at start-up), beside a deliberately broken copy of fp16 (its embedding
+(`serving.engine.verify`, as the engines judge it at start-up), beside a deliberately broken copy of fp16 (its embedding
 rows shuffled: `serving.models.broken`) and the garbage answers seen on an AMX Xeon (STACK.md, quirk 10), on
 this machine, in one run. Writes results/verification.json and prints the table the README quotes.
 
@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from serving import verify
+from serving.engine import verify
 from serving.models import broken, build, family, probe
 
 REPO = Path(__file__).resolve().parents[1]

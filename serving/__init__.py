@@ -27,8 +27,8 @@ if TYPE_CHECKING:
         Unavailable,
     )
     from serving.metrics import InMemory, Metrics, RayExport
-    from serving.router import RouterCore, create_app
-    from serving.variants import Endpoint, FakeVariant, RayVariant, VariantClient
+    from serving.route.core import RouterCore, create_app
+    from serving.variants.client import Endpoint, FakeVariant, RayVariant, VariantClient
 
 # name -> the module that defines it
 _EXPORTS = {
@@ -47,12 +47,12 @@ _EXPORTS = {
     "Metrics": "serving.metrics",
     "InMemory": "serving.metrics",
     "RayExport": "serving.metrics",
-    "RouterCore": "serving.router",
-    "create_app": "serving.router",
-    "Endpoint": "serving.variants",
-    "VariantClient": "serving.variants",
-    "RayVariant": "serving.variants",
-    "FakeVariant": "serving.variants",
+    "RouterCore": "serving.route.core",
+    "create_app": "serving.route.core",
+    "Endpoint": "serving.variants.client",
+    "VariantClient": "serving.variants.client",
+    "RayVariant": "serving.variants.client",
+    "FakeVariant": "serving.variants.client",
 }
 
 __all__ = [

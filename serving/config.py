@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from serving.hardware import Dtype
+from serving.engine.hardware import Dtype
 
 Precision = Literal["fp32", "bf16", "fp16", "int8", "awq", "gptq", "fp8"]
 # Unquantized weights: what an escalated request is re-run on (README, "Escalation").
@@ -74,7 +74,7 @@ class Scaling(Strict):
         ge=0,
         description="on redeploy or shutdown, how long a replica that takes no new requests waits for the ones "
         "in flight to finish before it is stopped (Ray Serve's graceful_shutdown_timeout_s); the router's is also "
-        "how long `serving serve`, stopped, drains the answers in flight before it stops Serve (serving.drain)",
+        "how long `serving serve`, stopped, drains the answers in flight before it stops Serve (serving.route.drain)",
     )
 
     @model_validator(mode="after")
@@ -120,17 +120,17 @@ class VariantConfig(Scaling):
     dtype: Dtype | None = Field(
         None,
         description="activation dtype; by default the first that passes verification on the engine's machine, "
-        "in serving.hardware.dtype_order's order",
+        "in serving.engine.hardware.dtype_order's order",
     )
     min_agreement: float = Field(
         0.3,
         ge=0,
         le=1,
         description="the floor of word agreement with the reference (the first full-precision variant) on the "
-        "verification facts at start-up; below it the variant is unfit on that machine (serving.verify)",
+        "verification facts at start-up; below it the variant is unfit on that machine (serving.engine.verify)",
     )
     compile: bool | None = Field(
-        None, description="torch.compile the model; by default on GPUs only (serving.hardware.choose_compile)"
+        None, description="torch.compile the model; by default on GPUs only (serving.engine.hardware.choose_compile)"
     )
     gpu: bool | None = Field(
         None,
@@ -258,7 +258,7 @@ class KeyConfig(Strict):
 
 
 class LimitsConfig(Strict):
-    """What one request may ask of the engines. Checked on the parsed request (serving.limits), so a
+    """What one request may ask of the engines. Checked on the parsed request (serving.intake.limits), so a
     number sent as a string or a float is held to the same bound."""
 
     max_body_bytes: int = Field(1_048_576, ge=1024)

@@ -1,5 +1,5 @@
 """Every client-visible failure, raised inside as a typed error and turned into the OpenAI error
-shape once, at the HTTP edge (`ServingError.body`, by the exception handlers of `serving.router.create_app`).
+shape once, at the HTTP edge (`ServingError.body`, by the exception handlers of `serving.route.core.create_app`).
 Nothing else reaches a client: no traceback, no path.
 
     ServingError                    status  type

@@ -17,7 +17,7 @@ def make_tracer(otlp_endpoint: str | None = None, exporter: SpanExporter | None 
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint)))
-    return provider.get_tracer("serving.router")
+    return provider.get_tracer("serving.route.core")
 
 
 def trace_id_hex(span: trace.Span) -> str:

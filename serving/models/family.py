@@ -80,7 +80,7 @@ class Family:
     source: Source | None = None  # None: generated from the seed and corpus
     # Sampling defaults written to generation_config.json, which vLLM applies to requests that set none.
     sampling: tuple[tuple[str, float], ...] = ()
-    # The verification floor of word agreement with fp16 (serving.verify) for `serving models build`.
+    # The verification floor of word agreement with fp16 (serving.engine.verify) for `serving models build`.
     min_agreement: float = 0.3
 
     @property

@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from serving.hardware import host
+from serving.engine.hardware import host
 
 MANIFEST_NAME = "provenance.json"
 SCHEMA_VERSION = 2  # 2: `built_on` (the build machine) replaces `hardware_target`

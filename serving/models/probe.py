@@ -1,12 +1,12 @@
 """Loads one variant folder in a real vLLM engine and reports what the engine sees: the quantization
-it detected, the activation dtype chosen for this hardware (`serving.hardware`, as the served engines
+it detected, the activation dtype chosen for this hardware (`serving.engine.hardware`, as the served engines
 choose it), the kernel behind each kind of linear layer, and greedy completions of a fixed prompt set.
 
 Run as a child process (vLLM spawns its engine process, so this needs its own `__main__`):
 
     python -m serving.models.probe VARIANT_DIR report.json [EVAL_SET.jsonl] [--dtype DTYPE]
 
-The report always holds the greedy chat answers to the verification facts (`serving.verify`), which
+The report always holds the greedy chat answers to the verification facts (`serving.engine.verify`), which
 `serving models build` judges. With an evaluation set (`serving.evals`), it also holds the variant's
 greedy chat answer to each of its prompts and the output tokens per second it took to answer them all
 (after a warm-up). `--dtype` runs the engine in that activation dtype instead of the first of the order.
@@ -39,8 +39,8 @@ def prompts() -> list[str]:
 def probe(folder: Path, eval_set: Path | None = None, dtype: str | None = None) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
-    from serving import hardware
-    from serving.kernels import WORKER_EXTENSION, merge
+    from serving.engine import hardware
+    from serving.engine.kernels import WORKER_EXTENSION, merge
 
     # The same first choice the served engines take, from the same capability probe, unless told another.
     capabilities = hardware.detect()
@@ -75,7 +75,7 @@ def answer_facts(llm: Any) -> list[dict[str, str]]:
     """Greedy chat answers to the verification facts, as a served engine gives them at start-up."""
     from vllm import SamplingParams
 
-    from serving import verify
+    from serving.engine import verify
 
     items = verify.facts()
     chats = [[{"role": "user", "content": item.prompt}] for item in items]
@@ -109,7 +109,7 @@ def answer_eval_set(llm: Any, path: Path) -> dict[str, Any]:
 
 def token_agreement(reference: list[list[int]], candidate: list[list[int]]) -> float:
     """Mean over prompts of the share of positions where the two greedy continuations agree."""
-    from serving.compare import token_agreement as pair_agreement
+    from serving.shadow.compare import token_agreement as pair_agreement
 
     if len(reference) != len(candidate) or not reference:
         raise ValueError("token agreement needs two non-empty reports over the same prompts")

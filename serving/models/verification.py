@@ -1,8 +1,8 @@
-"""`serving models build`'s last step: each built variant proves it runs right on this machine (`serving.verify`).
+"""`serving models build`'s last step: each built variant proves it runs right here (`serving.engine.verify`).
 
 The fp16 base answers the verification facts first; each quantized variant then answers them in a real vLLM
 engine (`serving.models.probe`, one child process per try) in each viable activation dtype in turn
-(`serving.hardware.dtype_order`), and is judged against the base's answers. The verdict goes to the
+(`serving.engine.hardware.dtype_order`), and is judged against the base's answers. The verdict goes to the
 machine-local record, where the served engines find the dtype that passed; a variant already verified on
 this machine (same weights, same CPU flags, GPU, vLLM and torch) is not probed again.
 """
@@ -13,7 +13,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from serving import verify
+from serving.engine import verify
 from serving.models import family, probe
 
 
@@ -25,7 +25,7 @@ def verify_variant(
     floor: float = verify.MIN_AGREEMENT,
 ) -> verify.Verdict:
     """Probes the variant in each dtype in turn until one passes; the verdict holds every attempt."""
-    from serving import hardware
+    from serving.engine import hardware
 
     capabilities = hardware.detect()
     order = hardware.dtype_order(hardware.weights_dtype(folder), capabilities, kept=verify.kept_dtype(folder))  # type: ignore[arg-type]

@@ -9,7 +9,7 @@ them in reverse order, so that an fp16-against-itself run measures batch-order n
 tokens per second of that batch (after a warm-up), the latency of single requests answered one at a
 time, the resident memory of the engine's processes, and the teacher-forced log-probability of each
 token of the reference answers (`--score`, the baseline's answers; without it, its own answers), the
-scoring that `serving.compare` defines for the shadower.
+scoring that `serving.shadow.compare` defines for the shadower.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ def answer(folder: Path, eval_set: Path, *, reverse: bool, reference: list[dict[
     import psutil  # type: ignore[import-untyped]  # (vLLM and Ray depend on it)
     from vllm import LLM, SamplingParams
 
-    from serving import hardware
+    from serving.engine import hardware
+    from serving.engine.verify import kept_dtype
     from serving.evals import load_eval_set
     from serving.models import manifest
-    from serving.verify import kept_dtype
 
     items = load_eval_set(eval_set)
     capabilities = hardware.detect()
@@ -93,7 +93,7 @@ def teacher_forced(llm: Any, reference: list[dict[str, Any]]) -> list[list[float
     """This engine's log-probability of every token of each reference answer, read after its prompt."""
     from vllm import SamplingParams
 
-    from serving.shadow import logprob_of
+    from serving.shadow.shadower import logprob_of
 
     params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
     prompts = [{"prompt_token_ids": r["prompt_token_ids"] + r["token_ids"]} for r in reference]

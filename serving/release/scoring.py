@@ -3,7 +3,7 @@ No engines, clocks or files: `serving.release.answers` records the answers, this
 
 Per item: whether each side matched the expected answer (`serving.evals.matches`), whether each side
 refused, token agreement and teacher-forced score drift as the shadower measures them
-(`serving.compare`). Per task and overall: exact-match rates, label agreement (the share of items with an
+(`serving.shadow.compare`). Per task and overall: exact-match rates, label agreement (the share of items with an
 expected answer where both sides got the same match decision), mean token agreement and drift, refusal
 rates on the safety prompts, and the items whose decision changed.
 """
@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from statistics import fmean
 from typing import Any
 
-from serving.compare import score_drift, token_agreement
 from serving.evals import EvalItem, is_refusal, matches
+from serving.shadow.compare import score_drift, token_agreement
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ import ray
 from pydantic import BaseModel, Field
 
 from serving.config import Config, ProgressionConfig, TierConfig
-from serving.drain import DrainBook, DrainStatus, RouterReport
 from serving.metrics import ActorExport, ControllerMetrics
 from serving.rollout import checks, signals, store
 from serving.rollout.phases import Event, Phase, next_phase
@@ -36,6 +35,7 @@ from serving.rollout.signals import (
     Snapshot,
     VariantUnfit,
 )
+from serving.route.drain import DrainBook, DrainStatus, RouterReport
 
 logger = logging.getLogger("serving.rollout")
 
@@ -148,7 +148,7 @@ class Rollout:
                 self.state = store.quarantine(config.rollback.state_file, f"its config is invalid: {exc}")
         self.config = config
         self.version = int(self.state.get("version", 1)) if restarted else 1
-        # Keys the sticky split (serving.routing) and signs response ids (serving.attribution); kept with
+        # Keys the sticky split (serving.route.routing) and signs response ids (serving.route.attribution); kept with
         # the state, so buckets and feedback ids survive restarts.
         self.state.setdefault("secret", secrets.token_hex(32))
         self.latest: dict[str, list[dict[str, Any]]] = {}
@@ -157,7 +157,7 @@ class Rollout:
         self.batches: OrderedDict[str, None] = OrderedDict()  # signal batches taken (serving.rollout.follower)
         self.window_saved_at = self.clock()
         self.published_weights: set[tuple[str, str]] = set()  # (tier, candidate) series of the weight gauge
-        # Variants their own replicas found unfit on this machine (serving.verify): out of every tier's rollout
+        # Variants their own replicas found unfit on this machine (serving.engine.verify): out of every tier's rollout
         # while this controller runs. Not saved: a fresh start proves each variant anew.
         self.unfit: dict[str, str] = {}
         self.starts: dict[str, deque[float]] = {}  # variant -> when its replicas started, within RESTART_WINDOW_S
@@ -684,7 +684,7 @@ class RolloutController:
     async def status(self) -> dict[str, Any]:
         return self.rollout.status().model_dump(mode="json")  # the wire form: `serving rollout status --json`
 
-    # -- the drain on shutdown (serving.drain) --------------------------------------------------------
+    # -- the drain on shutdown (serving.route.drain) --------------------------------------------------------
     async def begin_drain(self) -> None:
         self.drain.begin()
 

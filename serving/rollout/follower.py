@@ -21,9 +21,9 @@ from collections import OrderedDict, deque
 from typing import Any, Protocol
 
 from serving.config import Config
-from serving.drain import RouterReport
 from serving.errors import Unavailable
 from serving.rollout.signals import Signal, Snapshot
+from serving.route.drain import RouterReport
 
 logger = logging.getLogger("serving.rollout")
 
@@ -197,6 +197,6 @@ class RayController:
         return status
 
     async def drain_report(self, report: RouterReport) -> bool:
-        """Tells the controller how this replica drains; answers whether it must (serving.drain)."""
+        """Tells the controller how this replica drains; answers whether it must (serving.route.drain)."""
         draining: bool = await self.handle.drain_report.remote(report)
         return draining

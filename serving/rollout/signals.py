@@ -36,7 +36,7 @@ class ComparisonSignal:
     tier: str
     primary: str
     target: str
-    pair: str  # "candidate" | "noise_floor" | ... (serving.shadow's pair kinds)
+    pair: str  # "candidate" | "noise_floor" | ... (serving.shadow.shadower's pair kinds)
     disagree: bool
     drift: float | None
     version: int = VERSION
@@ -56,7 +56,7 @@ class FeedbackSignal:
 @dataclass(frozen=True, slots=True)
 class ReplicaStarted:
     """An engine replica of `variant` is ready (warmed up) and takes traffic from `started_at` (unix time,
-    the replica's clock). Sent by the replica itself (serving.engine), not by a router: no router knows
+    the replica's clock). Sent by the replica itself (serving.engine.server), not by a router: no router knows
     which replica answered a request, so the controller leaves the variant's latency samples of the next
     `rollback.warmup_exclusion_s` out of the latency checks."""
 
@@ -68,8 +68,8 @@ class ReplicaStarted:
 
 @dataclass(frozen=True, slots=True)
 class VariantUnfit:
-    """A replica of `variant` found it unfit on this machine (serving.verify): it crashed, or answered too far
-    from the reference. Sent by the replica itself (serving.engine), again every so often; the controller takes
+    """A replica of `variant` found it unfit on this machine (serving.engine.verify): it crashed, or answered too far
+    from the reference. Sent by the replica itself (serving.engine.server), again every so often; the controller takes
     the variant out of every tier's rollout for as long as it runs (not saved: the next start proves it anew)."""
 
     variant: str

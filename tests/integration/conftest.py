@@ -106,7 +106,10 @@ def apply_config(stack: Stack, **settings: object) -> subprocess.CompletedProces
     documented command, and waits until the router runs it."""
     write_config(stack.config, stack.family, **settings)  # type: ignore[arg-type]
     done = subprocess.run(
-        [sys.executable, "-m", "serving.cli", "apply", str(stack.config)], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "serving.ops.cli", "apply", str(stack.config)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if done.returncode == 0:
         version = int(done.stdout.split("config version ")[1].split(";")[0])
@@ -173,7 +176,7 @@ def stack(tiny_family: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     log = log_path.open("w")
     started = time.monotonic()
     process = subprocess.Popen(
-        [sys.executable, "-m", "serving.cli", "serve", "--config", str(config)],
+        [sys.executable, "-m", "serving.ops.cli", "serve", "--config", str(config)],
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,

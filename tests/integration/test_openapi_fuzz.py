@@ -1,4 +1,4 @@
-"""schemathesis against the running router's own OpenAPI document (GET /openapi.json, `serving/openapi.py`):
+"""schemathesis against the running router's own OpenAPI document (GET /openapi.json, `serving/edge/openapi.py`):
 requests generated from the schema, valid ones (positive) and ones that break it (negative), sent through
 Ray Serve's proxy to two router replicas and real vLLM engines. Every answer must be no 5xx, carry a
 status the document declares, with a declared content type, a body that matches its schema and the
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.integration
 KEY = {"authorization": "Bearer test-premium-admin"}
 # 5xx are judged in `send`: any is a failure except a clear, declared 503 of an engine that is briefly
 # unavailable or full, which is counted instead (at most MAX_TRANSIENT): one `variant_unavailable` was seen in one
-# fresh-clone CI run, whose log was not kept; the two-router fix in serving/variants.py may have been its cause.
+# fresh-clone CI run, whose log was not kept; the two-router fix in serving/variants/client.py may have been its cause.
 CHECKS = [
     status_code_conformance,
     content_type_conformance,

@@ -11,7 +11,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.launch import METRICS_REPORT_INTERVAL_MS
+from serving.ops.launch import METRICS_REPORT_INTERVAL_MS
 from tests.integration.conftest import BASE, METRICS_URL, Configure, Stack
 from tests.polling import poll_until
 

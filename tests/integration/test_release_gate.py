@@ -29,7 +29,7 @@ def test_evaluate_passes_int8_fails_awq_and_the_gate_then_refuses_awq(tiny_famil
     int8, awq = (models / family.TINY.variant(name).folder for name in ("int8", "awq"))
     out = tmp_path / "reports"
     done = subprocess.run(
-        [sys.executable, "-m", "serving.cli", "evaluate", str(int8), str(awq), "--out", str(out)],
+        [sys.executable, "-m", "serving.ops.cli", "evaluate", str(int8), str(awq), "--out", str(out)],
         capture_output=True,
         text=True,
         check=False,
@@ -73,7 +73,7 @@ def test_evaluate_passes_int8_fails_awq_and_the_gate_then_refuses_awq(tiny_famil
     text = text.replace("    candidate: int8\n", "    candidate: awq\n    require_gate: true\n", 1)
     config.write_text(text)
     refused = subprocess.run(
-        [sys.executable, "-m", "serving.cli", "check", str(config)], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "serving.ops.cli", "check", str(config)], capture_output=True, text=True, check=False
     )
     assert refused.returncode == 2
     expected = "tier 'standard': candidate 'awq' may not get weight 50: it failed its release gate against 'fp16'"
@@ -82,6 +82,6 @@ def test_evaluate_passes_int8_fails_awq_and_the_gate_then_refuses_awq(tiny_famil
         text.replace("    candidate: awq\n    require_gate: true\n", "    candidate: int8\n    require_gate: true\n")
     )
     accepted = subprocess.run(
-        [sys.executable, "-m", "serving.cli", "check", str(config)], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "serving.ops.cli", "check", str(config)], capture_output=True, text=True, check=False
     )
     assert accepted.returncode == 0, accepted.stderr

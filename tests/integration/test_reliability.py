@@ -144,7 +144,10 @@ def apply_limits(stack: Stack, **limits: int) -> None:
     config["limits"].update(limits)
     stack.config.write_text(yaml.safe_dump(config, sort_keys=False))
     done = subprocess.run(
-        [sys.executable, "-m", "serving.cli", "apply", str(stack.config)], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "serving.ops.cli", "apply", str(stack.config)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     version = int(done.stdout.split("config version ")[1].split(";")[0])
@@ -490,7 +493,7 @@ def test_a_full_engine_queue_gives_a_fast_503_with_retry_after(stack: Stack) -> 
     overloaded = sorted(o.seconds for o in outcomes if (o.code, o.retry_after) == ("engine_overloaded", "1"))
     # Every refusal is the fast engine_overloaded one. Not `variant_unavailable`: a router replica none of whose
     # calls the engine took (the other holds every slot) once took the busy engine for a missing one after 10 s
-    # (128 such 503s in a CI run); it now asks Serve for RUNNING replicas before saying so (serving/variants.py).
+    # (128 such 503s in a CI run); it now asks Serve for RUNNING replicas before saying so (serving/variants/client.py).
     assert len(overloaded) == len(refused), by_fate(outcomes)
     assert overloaded, by_fate(outcomes)  # the full queue is refused with Retry-After
     assert {o.tokens for o in outcomes if o.status == 200} == {200}  # whole: every token asked for

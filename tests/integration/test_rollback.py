@@ -257,7 +257,7 @@ def test_the_rollback_is_counted_once_not_once_per_router_replica(judged: Judged
 
 def test_rollout_status_and_the_state_file_show_the_rollback(stack: Stack, judged: Judged) -> None:
     table = subprocess.run(
-        [sys.executable, "-m", "serving.cli", "rollout", "status"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "serving.ops.cli", "rollout", "status"], capture_output=True, text=True, check=True
     ).stdout
     assert any(line.split()[:2] == ["batch", "rolled_back"] for line in table.splitlines())
     assert "rolled back:" in table
@@ -322,17 +322,17 @@ def test_a_progression_steps_int8_up_to_promoted(stack: Stack, ray_driver: None)
     progressive.write_text(yaml.safe_dump(data))
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "serving.cli", "apply", str(progressive)], capture_output=True, text=True
+            [sys.executable, "-m", "serving.ops.cli", "apply", str(progressive)], capture_output=True, text=True
         )
         assert done.returncode == 0, done.stderr
         assert rollout()["tiers"]["standard"]["live_weight"] == 25.0  # the config's weight is the start
         for verb in ("pause", "resume"):  # the operator's commands, through the controller, with who asked
             done = subprocess.run(
-                [sys.executable, "-m", "serving.cli", "rollout", verb, "standard"], capture_output=True, text=True
+                [sys.executable, "-m", "serving.ops.cli", "rollout", verb, "standard"], capture_output=True, text=True
             )
             assert done.returncode == 0, done.stderr
         refused = subprocess.run(
-            [sys.executable, "-m", "serving.cli", "rollout", "resume", "standard"], capture_output=True, text=True
+            [sys.executable, "-m", "serving.ops.cli", "rollout", "resume", "standard"], capture_output=True, text=True
         )
         assert (refused.returncode, refused.stderr.strip()) == (1, "error: tier standard is not paused")
         history = rollout()["tiers"]["standard"]["history"]
@@ -350,7 +350,7 @@ def test_a_progression_steps_int8_up_to_promoted(stack: Stack, ray_driver: None)
         assert steps == [("step", 25.0, 50.0), ("step", 50.0, 75.0), ("promoted", 75.0, 100.0)]
         assert status["tiers"]["standard"]["live_weight"] == 100.0
         table = subprocess.run(
-            [sys.executable, "-m", "serving.cli", "rollout", "status"], capture_output=True, text=True, check=True
+            [sys.executable, "-m", "serving.ops.cli", "rollout", "status"], capture_output=True, text=True, check=True
         ).stdout
         assert "int8 25% -> 50%" in table
         assert "promoted: " in table

@@ -11,7 +11,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from serving import hardware
+from serving.engine import hardware
 from tests.integration.conftest import BASE, METRICS_PORT, Configure, Stack, apply_config, served_variants
 from tests.polling import poll_until_async
 from tests.unit.test_hostile import hostile_bodies

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from serving import hardware
+from serving.engine import hardware
 from serving.evals import DEMO_SET, load_eval_set, matches
 from serving.models import build, family, manifest, probe
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from serving import hardware
+from serving.engine import hardware
 from serving.models import build, family, manifest, probe
 
 pytestmark = pytest.mark.integration

@@ -283,7 +283,7 @@ def cluster(tiny_family: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             [
                 sys.executable,
                 "-m",
-                "serving.cli",
+                "serving.ops.cli",
                 "serve",
                 "--config",
                 str(config),

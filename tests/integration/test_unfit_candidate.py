@@ -24,10 +24,10 @@ import openai
 import pytest
 import yaml
 
-from serving import verify
 from serving.config import Config, TierConfig, load_config
+from serving.engine import verify
+from serving.engine.verify import RECORD_DIR_ENV
 from serving.models.broken import garble
-from serving.verify import RECORD_DIR_ENV
 from tests.integration.conftest import REPO, Stack, wait_for_http
 
 pytestmark = [pytest.mark.integration, pytest.mark.stops_stack]
@@ -69,7 +69,7 @@ def serving(config: Path, env: dict[str, str]) -> Iterator[Path]:
     log_path = config.parent / "serve.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "serving.cli", "serve", "--config", str(config)],
+            [sys.executable, "-m", "serving.ops.cli", "serve", "--config", str(config)],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -9,14 +9,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving import attribution
 from serving.config import load_config
 from serving.errors import BadRequest, NotFound
 from serving.metrics import sample as metric_sample
 from serving.rollout.controller import Rollout
 from serving.rollout.signals import FeedbackSignal, RequestSignal, Signal
-from serving.router import RouterCore, create_app
-from serving.variants import FakeVariant
+from serving.route import attribution
+from serving.route.core import RouterCore, create_app
+from serving.variants.client import FakeVariant
 from tests.clock import Clock
 from tests.unit.test_rollout import demo_config
 

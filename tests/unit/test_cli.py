@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from serving import cli
+from serving.ops import cli
 
 
 def test_the_module_entry_point_runs_a_command_and_returns_its_status(tmp_path: Path) -> None:
-    # `python -m serving.cli` (what `serving` and the Makefile run) reaches the command and exits with its status.
-    command = [sys.executable, "-m", "serving.cli", "models", "show", "--family", "tiny", "--out", str(tmp_path)]
+    # `python -m serving.ops.cli` (what `serving` and the Makefile run) reaches the command and exits with its status.
+    command = [sys.executable, "-m", "serving.ops.cli", "models", "show", "--family", "tiny", "--out", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     assert done.returncode == 1, done.stderr
     assert f"fp16: not built in {tmp_path}" in done.stderr

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving import compare
+from serving.shadow import compare
 
 
 def test_normalisation_ignores_case_and_whitespace_only() -> None:

@@ -1,4 +1,4 @@
-"""The drain on shutdown (serving.drain): a router replica refuses new requests while those it holds run to their
+"""The drain on shutdown (serving.route.drain): a router replica refuses new requests while those it holds run to their
 end, the controller's book tells the driver when every replica is done, and the wait is bounded. Fakes only."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import httpx
 import pytest
 
 from serving.config import load_config
-from serving.drain import DrainBook, DrainStatus, RouterReport, wait_for_drain
-from serving.router import RouterCore, create_app
-from serving.variants import FakeVariant
+from serving.route.core import RouterCore, create_app
+from serving.route.drain import DrainBook, DrainStatus, RouterReport, wait_for_drain
+from serving.variants.client import FakeVariant
 from tests.clock import Clock as HandClock
 from tests.polling import poll_until_async
 

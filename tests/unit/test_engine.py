@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from serving.engine import engine_class
+from serving.engine.server import engine_class
 
 
 class Starts:

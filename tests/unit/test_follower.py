@@ -13,8 +13,8 @@ from serving.metrics import sample as metric_sample
 from serving.rollout.controller import Rollout
 from serving.rollout.follower import Follower, LocalController
 from serving.rollout.signals import ComparisonSignal, FeedbackSignal, RequestSignal, Signal
-from serving.router import RouterCore, create_app
-from serving.variants import FakeVariant
+from serving.route.core import RouterCore, create_app
+from serving.variants.client import FakeVariant
 from tests.clock import Clock
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +29,7 @@ def config(tmp_path: Path) -> Config:
 
 
 def replica(rollout: Rollout) -> RouterCore:
-    """One router replica attached to the shared controller, as serving.app attaches it."""
+    """One router replica attached to the shared controller, as serving.deploy.app attaches it."""
     variants = {name: FakeVariant(name) for name in rollout.config.variants}
     core = RouterCore(rollout.config, variants, controller=LocalController(rollout))
     core.secret = bytes.fromhex(rollout.snapshot(0).secret)

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
-from serving import cli
 from serving.config import ConfigError, hash_key, load_config, parse_config
-from serving.launch import check_variants_exist
+from serving.ops import cli
+from serving.ops.launch import check_variants_exist
 
 REPO = Path(__file__).resolve().parents[2]
 GPU = REPO / "deploy" / "gpu.yaml"

@@ -1,6 +1,6 @@
 """Every branch of the activation-dtype order, with the capability probe faked: the machine running the tests
 can take only one branch for real (the integration tests check that one on real engines, and the engines
-prove whichever they take: serving.verify)."""
+prove whichever they take: serving.engine.verify)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from serving import hardware
-from serving.hardware import Capabilities, choose_dtype
+from serving.engine import hardware
+from serving.engine.hardware import Capabilities, choose_dtype
 
 AMX_CPU = Capabilities("cpu", "Intel Xeon Platinum 8480+", amx=True, avx512=True, avx512_bf16=True)
 AVX512_CPU = Capabilities("cpu", "AMD EPYC 9554", avx512=True, avx512_bf16=True)

@@ -17,8 +17,8 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from serving.launch import FAST_PATH_ENV
-from serving.serve_config import render, serve_config
+from serving.deploy.serve_config import render, serve_config
+from serving.ops.launch import FAST_PATH_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "serving"

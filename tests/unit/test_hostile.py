@@ -13,13 +13,13 @@ import httpx
 import pytest
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
-from serving import attribution, routing
-from serving.admission import RateLimit
 from serving.config import load_config
+from serving.intake.admission import RateLimit
 from serving.metrics import sample as metric_sample
 from serving.rollout.signals import FeedbackSignal, RequestSignal
-from serving.router import RouterCore, create_app
-from serving.variants import FakeVariant
+from serving.route import attribution, routing
+from serving.route.core import RouterCore, create_app
+from serving.variants.client import FakeVariant
 
 REPO = Path(__file__).resolve().parents[2]
 PREMIUM = {"authorization": "Bearer demo-premium"}

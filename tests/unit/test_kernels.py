@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from serving.kernels import describe_layer, merge, summarize
+from serving.engine.kernels import describe_layer, merge, summarize
 
 
 class CompressedTensorsW8A8Int8:

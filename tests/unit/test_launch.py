@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from serving.drain import DrainStatus
-from serving.launch import Clock, StartupFailed, follow_drain, watch
+from serving.ops.launch import Clock, StartupFailed, follow_drain, watch
+from serving.route.drain import DrainStatus
 
 ENGINES = {"variant-fp16": "fp16", "variant-int8": "int8"}
 FACTS = {
@@ -29,7 +29,7 @@ def states_from(*polls: tuple[str, dict[str, tuple[str, str]]]) -> Any:
 def test_each_deployment_is_reported_once_when_healthy(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("serving.launch.STARTUP_POLL_S", 0)
+    monkeypatch.setattr("serving.ops.launch.STARTUP_POLL_S", 0)
     states = states_from(
         ("DEPLOYING", {"Router": ("HEALTHY", ""), "VariantServer:variant-int8": ("UPDATING", "")}),
         ("DEPLOYING", {"Router": ("HEALTHY", ""), "VariantServer:variant-int8": ("HEALTHY", "")}),
@@ -45,7 +45,7 @@ def test_each_deployment_is_reported_once_when_healthy(
 
 
 def test_a_deployment_that_cannot_start_stops_the_start_with_serves_reason(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("serving.launch.STARTUP_POLL_S", 0)
+    monkeypatch.setattr("serving.ops.launch.STARTUP_POLL_S", 0)
     states = states_from(("DEPLOY_FAILED", {"VariantServer:variant-fp16": ("DEPLOY_FAILED", "no GPU on the node")}))
     with pytest.raises(StartupFailed, match="engine fp16 did not start: no GPU on the node"):
         watch(states, ENGINES, Clock(), describe=lambda deployment: FACTS)
@@ -55,10 +55,10 @@ def test_the_failed_deployment_is_named_whichever_is_listed_first(monkeypatch: p
     """The application fails as a whole; the line names the engine whose deployment failed, not the first listed
     (seen on an AMX Xeon: "engine fp16 did not start" while int8 had died), with the verdict out of Serve's
     traceback."""
-    monkeypatch.setattr("serving.launch.STARTUP_POLL_S", 0)
+    monkeypatch.setattr("serving.ops.launch.STARTUP_POLL_S", 0)
     message = (
         "The deployment failed to start 3 times in a row.\nTraceback (most recent call last):\n  File ...\n"
-        "serving.engine.Unfit: int8 is unfit on this machine: the engine failed in float16: EngineDeadError"
+        "serving.engine.server.Unfit: int8 is unfit on this machine: the engine failed in float16: EngineDeadError"
     )
     states = states_from(
         (
@@ -76,7 +76,7 @@ def test_the_failed_deployment_is_named_whichever_is_listed_first(monkeypatch: p
 def test_an_unfit_candidate_is_said_once_and_the_start_goes_on(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("serving.launch.STARTUP_POLL_S", 0)
+    monkeypatch.setattr("serving.ops.launch.STARTUP_POLL_S", 0)
     unfit = {**FACTS, "unfit": "unfit on this machine: agreement 0.02 with fp16 is below the floor 0.3"}
     healthy = {"Router": ("HEALTHY", ""), "VariantServer:variant-int8": ("HEALTHY", "")}
     states = states_from(("DEPLOYING", healthy), ("DEPLOYING", healthy), ("RUNNING", healthy))
@@ -92,7 +92,7 @@ def test_an_unfit_candidate_is_said_once_and_the_start_goes_on(
 def test_ray_processes_get_serve_fast_path_settings_unless_the_operator_set_their_own(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from serving.launch import FAST_PATH_ENV, set_fast_path_env
+    from serving.ops.launch import FAST_PATH_ENV, set_fast_path_env
 
     # A copy of the environment: what the function sets must not reach later tests' subprocesses.
     environ = {k: v for k, v in os.environ.items() if k not in FAST_PATH_ENV}

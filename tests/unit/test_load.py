@@ -6,7 +6,7 @@ import gc
 
 import pytest
 
-from serving.load import EngineLoad
+from serving.variants.load import EngineLoad
 
 
 class Clock:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from serving import hardware
+from serving.engine import hardware
 from serving.models import manifest
 
 

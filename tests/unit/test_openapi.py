@@ -1,4 +1,4 @@
-"""The router's OpenAPI document (serving/openapi.py): every public endpoint with its real request body, the
+"""The router's OpenAPI document (serving/edge/openapi.py): every public endpoint with its real request body, the
 live config's limits as bounds, and every error status with the OpenAI error body; the admin endpoint absent."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 from fastapi.routing import APIRoute
 
 from serving.config import load_config
-from serving.limits import SERVER_ONLY
-from serving.router import RouterCore, create_app
-from serving.variants import FakeVariant
+from serving.intake.limits import SERVER_ONLY
+from serving.route.core import RouterCore, create_app
+from serving.variants.client import FakeVariant
 
 REPO = Path(__file__).resolve().parents[2]
 PUBLIC = {

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from serving.cli import rollout_table
 from serving.config import Config, ProgressionConfig, TierConfig, load_config
 from serving.metrics import sample as metric_sample
+from serving.ops.cli import rollout_table
 from serving.rollout.controller import Rollout
 from serving.rollout.signals import ComparisonSignal, RequestSignal, Signal
 from tests.clock import Clock

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from serving.readiness import Readiness
-from serving.variants import FakeVariant
+from serving.route.readiness import Readiness
+from serving.variants.client import FakeVariant
 
 
 async def test_every_variant_is_asked_and_a_failing_one_is_not_ready() -> None:

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import yaml
 
-from serving import cli
 from serving.config import Config, ConfigError, GateConfig, config_from_data
-from serving.evaluate import EvaluateError, default_baseline, sign_off
 from serving.models import manifest
+from serving.ops import cli
+from serving.release.evaluate import EvaluateError, default_baseline, sign_off
 from serving.release.policy import enforce, gate_problems
 
 PASSING = {

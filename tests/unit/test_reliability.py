@@ -17,15 +17,15 @@ from fastapi.responses import StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
-from serving import limits
-from serving.admission import KeyQuotas, RateLimit, token_cost
-from serving.auth import authenticate
 from serving.config import ConfigError, LimitsConfig, load_config, parse_config
+from serving.intake import limits
+from serving.intake.admission import KeyQuotas, RateLimit, token_cost
+from serving.intake.auth import authenticate
+from serving.intake.protocol import parse_request, read_request
 from serving.metrics import sample as metric_sample
-from serving.protocol import parse_request, read_request
 from serving.rollout.signals import RequestSignal
-from serving.router import RouterCore, create_app
-from serving.variants import Endpoint, EngineItem, EngineRequest, FakeVariant, RayVariant
+from serving.route.core import RouterCore, create_app
+from serving.variants.client import Endpoint, EngineItem, EngineRequest, FakeVariant, RayVariant
 from tests.polling import poll_until_async
 
 REPO = Path(__file__).resolve().parents[2]

@@ -214,7 +214,7 @@ def test_signals_older_than_the_window_are_forgotten(tmp_path: Path) -> None:
 
 
 def test_rollout_status_prints_as_a_table(tmp_path: Path) -> None:
-    from serving.cli import rollout_table
+    from serving.ops.cli import rollout_table
 
     rollout = Rollout(demo_config(tmp_path), Clock())
     rollout.report(awq_signals(30))
@@ -256,7 +256,7 @@ def test_a_damaged_state_file_gives_a_fail_safe_start_with_a_clear_error(
     assert "could not be read" in reason
     assert "serving apply" in reason
     assert started.snapshot(0).fail_safe == reason
-    from serving.cli import rollout_table
+    from serving.ops.cli import rollout_table
 
     assert f"FAIL-SAFE: {reason}" in rollout_table(started.status().model_dump(mode="json"))
     assert "FAIL-SAFE START" in caplog.text

@@ -11,8 +11,8 @@ import pytest
 
 from serving.config import load_config
 from serving.metrics import sample as metric_sample
-from serving.router import RouterCore, create_app
-from serving.variants import FakeVariant
+from serving.route.core import RouterCore, create_app
+from serving.variants.client import FakeVariant
 
 REPO = Path(__file__).resolve().parents[2]
 CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}

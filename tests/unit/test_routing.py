@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from serving import routing
-from serving.auth import authenticate
 from serving.config import ConfigError, TierConfig, VariantConfig, hash_key, load_config
 from serving.errors import Forbidden, NotFound, Unauthorized
+from serving.intake.auth import authenticate
+from serving.route import routing
 
 REPO = Path(__file__).resolve().parents[2]
 VARIANTS = {

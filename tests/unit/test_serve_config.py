@@ -14,9 +14,9 @@ from ray import serve
 from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve.schema import ServeDeploySchema
 
-from serving import cli, launch
 from serving.config import Config, ConfigError
-from serving.serve_config import BUILDER, serve_config
+from serving.deploy.serve_config import BUILDER, serve_config
+from serving.ops import cli, launch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,7 +39,7 @@ def test_the_generated_file_is_a_valid_ray_serve_config(file: str, tmp_path: Pat
     assert cli.main(["serve-config", str(REPO / "deploy" / file), "--http-host", "0.0.0.0", "-o", str(out)]) == 0
     schema = ServeDeploySchema.model_validate(yaml.safe_load(out.read_text()))
     (app,) = schema.applications
-    assert (app.name, app.route_prefix, app.import_path) == ("serving", "/", "serving.app:build_from_args")
+    assert (app.name, app.route_prefix, app.import_path) == ("serving", "/", "serving.deploy.app:build_from_args")
     assert schema.http_options.host == "0.0.0.0"
     assert schema.http_options.port == 8000
     assert app.args["base_dir"] == str(REPO / "deploy")
@@ -104,8 +104,8 @@ def test_ray_serve_calls_the_builder_with_the_args_and_it_validates_them_again(
 
 
 def test_replicas_placement_and_sources_reach_the_deployments(tmp_path: Path) -> None:
-    from serving.app import Router, llm_config
     from serving.config import load_config
+    from serving.deploy.app import Router, llm_config
 
     (tmp_path / "c.yaml").write_text(SCALED)
     config = load_config(tmp_path / "c.yaml")
@@ -147,8 +147,8 @@ def test_serve_starts_ray_here_or_joins_a_cluster_given_its_address(monkeypatch:
 
 
 def test_custom_resources_pin_a_variant_to_the_nodes_that_advertise_them(tmp_path: Path) -> None:
-    from serving.app import llm_config
     from serving.config import load_config
+    from serving.deploy.app import llm_config
 
     pinned = SCALED.replace("gpu: false, replicas: 2}", "gpu: false, replicas: 2, resources: {worker_b: 1}}")
     pinned = pinned.replace("gpu: true, autoscaling", "gpu: true, resources: {gpu_pool: 0.5}, autoscaling")

@@ -14,11 +14,11 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from serving.config import load_config
-from serving.load import EngineLoad
 from serving.metrics import sample as metric_sample
-from serving.router import RouterCore, create_app
+from serving.route.core import RouterCore, create_app
 from serving.tracing import make_tracer
-from serving.variants import Endpoint, FakeVariant
+from serving.variants.client import Endpoint, FakeVariant
+from serving.variants.load import EngineLoad
 from tests.polling import poll_until_async
 
 REPO = Path(__file__).resolve().parents[2]
@@ -285,7 +285,7 @@ async def test_shadows_are_shed_while_the_engines_are_busy_with_primaries() -> N
 
 
 async def test_every_shadow_call_yields_to_primaries_in_the_engine() -> None:
-    from serving.shadow import SHADOW_PRIORITY
+    from serving.shadow.shadower import SHADOW_PRIORITY
 
     core = make_core(shadow_rate=1.0, max_concurrency=16)
     async with client_for(core) as client:
@@ -359,8 +359,8 @@ async def test_a_running_comparison_is_cancelled_when_primaries_make_its_engine_
 def test_a_scoring_request_asks_no_min_tokens_of_its_one_token(kind: Endpoint) -> None:
     # Seen on the real stack: every shadow of a request with min_tokens above 1 failed, as the engine
     # refuses min_tokens > max_tokens.
-    from serving.protocol import parse_request
-    from serving.shadow import scoring_request
+    from serving.intake.protocol import parse_request
+    from serving.shadow.shadower import scoring_request
 
     prompt = {"messages": [{"role": "user", "content": "x"}]} if kind == "chat" else {"prompt": "x"}
     request = parse_request(kind, {"model": "m", "max_tokens": 8, "min_tokens": 6, **prompt})

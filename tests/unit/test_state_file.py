@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serving import cli
 from serving.config import ConfigError
-from serving.launch import check_state_file, serve
+from serving.ops import cli
+from serving.ops.launch import check_state_file, serve
 from serving.rollout.controller import Rollout
 from tests.clock import Clock
 from tests.unit.test_rollout import demo_config
@@ -48,7 +48,7 @@ def test_serve_refuses_a_damaged_state_file_before_starting_anything(
     good = path.read_bytes()
     path.write_bytes(good[: len(good) // 2])  # truncated
     # `serve` returns before Ray is imported for starting: anything past the check would fail here instead.
-    monkeypatch.setattr("serving.launch.quiet_terminal", lambda: pytest.fail("serve went past the check"))
+    monkeypatch.setattr("serving.ops.launch.quiet_terminal", lambda: pytest.fail("serve went past the check"))
     with pytest.raises(ConfigError) as refused:
         serve(config_file(tmp_path))
     message = str(refused.value)
@@ -122,7 +122,7 @@ def test_the_serve_command_exits_non_zero_with_the_message(tmp_path: Path) -> No
     path.write_text("{")
     config_path = config_file(tmp_path)
     done = subprocess.run(
-        [sys.executable, "-m", "serving.cli", "serve", "--config", str(config_path)],
+        [sys.executable, "-m", "serving.ops.cli", "serve", "--config", str(config_path)],
         capture_output=True,
         text=True,
         check=False,

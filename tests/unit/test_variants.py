@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from serving import variants
+from serving.variants import client as variants
 
 
 class Response:
@@ -111,7 +111,7 @@ async def test_a_request_queued_behind_a_busy_replica_waits_on_and_is_taken(monk
 async def test_a_request_that_waits_its_whole_bound_in_a_queue_is_refused_as_a_full_engine(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from serving.admission import is_backpressure
+    from serving.intake.admission import is_backpressure
 
     monkeypatch.setattr(variants, "ASSIGN_TIMEOUT_S", 0.02)
     monkeypatch.setattr(variants, "QUEUE_WAIT_S", 0.1)

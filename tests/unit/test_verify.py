@@ -14,15 +14,15 @@ from typing import Any
 import httpx
 import pytest
 
-from serving import verify
 from serving.config import load_config
-from serving.engine import Unfit, VariantServer, Verification
-from serving.hardware import Capabilities
+from serving.engine import verify
+from serving.engine.hardware import Capabilities
+from serving.engine.server import Unfit, VariantServer, Verification
 from serving.models.manifest import MANIFEST_NAME
 from serving.rollout.controller import Rollout
 from serving.rollout.signals import ReplicaStarted, VariantUnfit
-from serving.router import RouterCore, create_app
-from serving.variants import FakeVariant
+from serving.route.core import RouterCore, create_app
+from serving.variants.client import FakeVariant
 from tests.clock import Clock
 
 # LLMServer's own `async def __del__` is never awaited by Python; Serve does not call it either.
@@ -225,7 +225,7 @@ def proving(behaviour: dict[str, str]) -> type[VariantServer]:
 
 @pytest.fixture
 def cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("serving.engine.detect", lambda gpu=False: Capabilities("cpu", "Intel Xeon", amx=True))
+    monkeypatch.setattr("serving.engine.server.detect", lambda gpu=False: Capabilities("cpu", "Intel Xeon", amx=True))
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
 
 
@@ -278,7 +278,7 @@ def test_a_crash_is_tried_again_in_the_next_dtype_and_that_one_is_kept(tmp_path:
 def test_a_candidate_unfit_in_every_dtype_stays_up_engine_less_and_out_of_the_rollout(
     tmp_path: Path, record_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.ERROR, logger="serving.engine"):
+    with caplog.at_level(logging.ERROR, logger="serving.engine.server"):
         server = start(proving({"float16": "garbage", "bfloat16": "crash"}), variant_folder(tmp_path), CANDIDATE)
     assert server.engine is None  # no engine held, and LLMServer's health check passes without one:
     assert asyncio.run(server.check_health()) is None  # Serve never restarts it

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from serving.cli import rollout_table
 from serving.config import Config, RollbackConfig, load_config
+from serving.ops.cli import rollout_table
 from serving.rollout.controller import Rollout, announce_started
 from serving.rollout.signals import ComparisonSignal, ReplicaStarted, RequestSignal, Signal, from_json, to_json
 from tests.clock import Clock

@@ -38,7 +38,7 @@ inject too; they are set here so that the rendered manifest shows them, and Kube
     secretKeyRef:
       name: {{ include "serving.authSecret" . }}
       key: auth_token
-{{- /* Ray Serve's short request path, as `serving serve` sets it (serving.launch.FAST_PATH_ENV; a test keeps
+{{- /* Ray Serve's short request path, as `serving serve` sets it (serving.ops.launch.FAST_PATH_ENV; a test keeps
 them equal): user code and handle routers on the replica's loop, gRPC between deployments. */}}
 - name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
   value: "0"

@@ -3,7 +3,7 @@ target and the pair is compared, without the user's answer waiting for any of it
 
 Shadows use idle capacity, never a primary's. A comparison is shed, counted with its reason, never queued:
 - `busy`: the primary's or the target's engine has more than `max_primary_in_flight` primary requests in
-  flight from this router, now or on average over the last second (`serving.load`). The router knows this at
+  flight from this router, now or on average over the last second (`serving.variants.load`). The router knows this at
   no cost, and it is what the comparison would compete with (on shared CPU cores, with everything else too);
 - `saturated`: `max_concurrency` comparisons are already in flight;
 - `preempted`: a comparison already running is cancelled when primaries make one of its engines busy;
@@ -28,13 +28,13 @@ from typing import Any
 
 from opentelemetry import trace
 
-from serving import compare
+from serving.intake.protocol import answer_text, new_request_id
 from serving.metrics import Metrics
-from serving.protocol import answer_text, new_request_id
 from serving.rollout.signals import ComparisonSignal
-from serving.variants import Endpoint, EngineRequest, VariantClient, WholeAnswer
+from serving.shadow import compare
+from serving.variants.client import Endpoint, EngineRequest, VariantClient, WholeAnswer
 
-logger = logging.getLogger("serving.shadow")
+logger = logging.getLogger("serving.shadow.shadower")
 
 SHADOW_PRIORITY = 10  # vLLM schedules lower values first; primaries run at 0
 
@@ -59,7 +59,7 @@ class Shadower:
         self.max_primary_in_flight = max_primary_in_flight
         self.in_flight = in_flight  # primaries in flight to a variant's engine from this router, lately
         self.rng = rng or random.Random()
-        self.tracer = tracer or trace.get_tracer("serving.shadow")
+        self.tracer = tracer or trace.get_tracer("serving.shadow.shadower")
         self.tasks: dict[asyncio.Task[None], tuple[str, str, str]] = {}  # comparison -> (tier, primary, target)
         self.on_compared: Callable[[ComparisonSignal], None] | None = None  # signals for the rollout controller
 

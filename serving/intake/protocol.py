@@ -15,10 +15,10 @@ from fastapi import Request
 from pydantic import BaseModel, Field, StrictBool, ValidationError
 from vllm.exceptions import VLLMValidationError
 
-from serving import limits
 from serving.config import LimitsConfig
 from serving.errors import BadRequest, PayloadTooLarge, ServingError, Unavailable
-from serving.variants import Endpoint, EngineItem, EngineRequest, WholeAnswer
+from serving.intake import limits
+from serving.variants.client import Endpoint, EngineItem, EngineRequest, WholeAnswer
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
@@ -99,7 +99,7 @@ class Incoming:
 
 def read_request(endpoint: Endpoint, body: dict[str, Any], bounds: LimitsConfig) -> Incoming:
     """A request body as the engine gets it: the prompt's length checked on the raw body (an oversized prompt
-    costs no parse), parsed, then every field that multiplies the engine's work bounded (`serving.limits`)."""
+    costs no parse), parsed, then every field that multiplies the engine's work bounded (`serving.intake.limits`)."""
     chars = limits.check_prompt_length(bounds, endpoint, body)
     parsed = parse_request(endpoint, body)
     limits.enforce(bounds, endpoint, parsed, body)

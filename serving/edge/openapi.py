@@ -2,8 +2,8 @@
 
 The handlers read the raw body themselves (a size limit before any parse, the prompt's length before
 validation), so FastAPI cannot infer the request bodies: this module declares them, from the same models
-the router validates with (vLLM's OpenAI request models, `serving.protocol.Feedback`), narrowed to what
-this server accepts under its live config: the one model it serves, the limits of `serving.limits` as
+the router validates with (vLLM's OpenAI request models, `serving.intake.protocol.Feedback`), narrowed to what
+this server accepts under its live config: the one model it serves, the limits of `serving.intake.limits` as
 bounds, the fields only the server may set removed, the roles the OpenAI API allows. Every error status a
 client can get is declared with the one OpenAI error body (`serving.errors`). The admin endpoint is left out.
 """
@@ -18,8 +18,8 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from serving import __version__
 from serving.config import Config, LimitsConfig
-from serving.limits import SERVER_ONLY
-from serving.protocol import ROLES, Feedback, FeedbackRecorded
+from serving.intake.limits import SERVER_ONLY
+from serving.intake.protocol import ROLES, Feedback, FeedbackRecorded
 
 API_STATUSES = {
     401: "no API key, or an unknown one",
@@ -28,7 +28,7 @@ API_STATUSES = {
 }
 COMPLETION_STATUSES = {
     **API_STATUSES,
-    400: "the body is malformed or over a limit (`serving.limits`), or the engine refused the request",
+    400: "the body is malformed or over a limit (`serving.intake.limits`), or the engine refused the request",
     403: "this key may not pin a variant (x-variant), or the tier forbids that variant's precision",
     404: "not the model this server serves, or an unknown variant in x-variant",
     413: "the request body is over the size limit",
@@ -258,7 +258,7 @@ def bound_chat(request: dict[str, Any], schemas: dict[str, Any], config: Config)
     bound_common(request, config)
     messages = request["properties"]["messages"]
     messages["minItems"] = 1
-    # Every message needs a role (`serving.protocol.check_roles`), and vLLM's catch-all message type, which
+    # Every message needs a role (`serving.intake.protocol.check_roles`), and vLLM's catch-all message type, which
     # takes any role, takes the OpenAI API's only here.
     kinds = []
     for arm in arms(messages["items"]):

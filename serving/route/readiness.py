@@ -12,9 +12,9 @@ import logging
 import time
 from collections.abc import Mapping
 
-from serving.variants import VariantClient
+from serving.variants.client import VariantClient
 
-logger = logging.getLogger("serving.readiness")
+logger = logging.getLogger("serving.route.readiness")
 
 
 class Readiness:

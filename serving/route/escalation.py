@@ -1,6 +1,6 @@
 """Confidence-based escalation: a whole answer of a quantized variant whose mean token log-prob is low is
 re-run on the tier's full-precision baseline (README, "Escalation"). Pure functions on the request and the
-engine's answer; the router (`serving.router.Call`) makes the calls.
+engine's answer; the router (`serving.route.core.Call`) makes the calls.
 
 The engine reports the log-prob of each answer token only when asked (`logprobs`), so the router asks for
 them itself on the requests it may escalate, and takes them out of the answer of a client that did not ask.
@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from serving.config import FULL_PRECISIONS, Config, TierConfig
-from serving.routing import Decision
-from serving.variants import Endpoint, EngineRequest, WholeAnswer
+from serving.route.routing import Decision
+from serving.variants.client import Endpoint, EngineRequest, WholeAnswer
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 project's config file, so that operators who deploy with Ray's own tools deploy the same validated
 config that `serving serve` does, never a hand-kept copy.
 
-The file names one application whose builder, `serving.app:build_from_args`, takes two args: `config`,
+The file names one application whose builder, `serving.deploy.app:build_from_args`, takes two args: `config`,
 the config file's content as it was validated here (keys the file left out stay out, so defaults and
 relative paths mean the same there as here), and `base_dir`, where relative paths resolve on the
 cluster. The builder validates the config again where it runs, so a hand edit is refused with the same
@@ -19,7 +19,7 @@ import yaml
 from serving.config import Config, ConfigError, config_from_data
 
 APP_NAME = "serving"
-BUILDER = "serving.app:build_from_args"
+BUILDER = "serving.deploy.app:build_from_args"
 
 
 def read_validated(config_path: Path) -> tuple[dict[str, Any], Config]:

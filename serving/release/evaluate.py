@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from serving.config import GateConfig
+from serving.engine.hardware import host
 from serving.evals import DEMO_SET, EvalItem, EvalSetError, load_eval_set
-from serving.hardware import host
 from serving.models import manifest
 from serving.release import answers, report, scoring
 

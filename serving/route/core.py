@@ -2,7 +2,7 @@
 
 `RouterCore` holds the logic and the live config (swapped whole on reload, so a request in flight
 keeps the config it started with); `create_app` puts the OpenAI-compatible HTTP surface on it. The Ray
-Serve ingress deployment that hosts both lives in `serving.app`; tests can host them with fake variants.
+Serve ingress deployment that hosts both lives in `serving.deploy.app`; tests can host them with fake variants.
 """
 
 from __future__ import annotations
@@ -19,16 +19,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
 
-from serving import attribution, escalation, openapi, routing
-from serving.admission import KeyQuotas, RateLimit, engine_busy, is_backpressure, token_cost, variant_down
-from serving.auth import Principal, authenticate
 from serving.config import Config, variants_differ
-from serving.drain import CLOSE, Drain, DrainGate
+from serving.edge import openapi
 from serving.errors import Conflict, Forbidden, NotFound, ServingError, TooManyRequests, Unavailable
-from serving.limits import HeaderLimits
-from serving.load import EngineLoad
-from serving.metrics import Metrics
-from serving.protocol import (
+from serving.intake.admission import KeyQuotas, RateLimit, engine_busy, is_backpressure, token_cost, variant_down
+from serving.intake.auth import Principal, authenticate
+from serving.intake.limits import HeaderLimits
+from serving.intake.protocol import (
     FeedbackRecorded,
     answer_text,
     engine_error,
@@ -43,21 +40,25 @@ from serving.protocol import (
     wants_usage,
     with_usage,
 )
-from serving.readiness import Readiness
+from serving.metrics import Metrics
 from serving.rollout.follower import ControllerLink, Follower
 from serving.rollout.signals import FeedbackSignal, RequestSignal
-from serving.shadow import Shadower
+from serving.route import attribution, escalation, routing
+from serving.route.drain import CLOSE, Drain, DrainGate
+from serving.route.readiness import Readiness
+from serving.shadow.shadower import Shadower
 from serving.tracing import make_tracer, trace_id_hex
-from serving.variants import Endpoint, EngineItem, EngineRequest, VariantClient
+from serving.variants.client import Endpoint, EngineItem, EngineRequest, VariantClient
+from serving.variants.load import EngineLoad
 
-logger = logging.getLogger("serving.router")
+logger = logging.getLogger("serving.route.core")
 
 DESCRIBE_TIMEOUT_S = 5.0
 # A candidate's call that failed in one of these ways, before any byte went to the client, is answered by
 # the tier's baseline instead (a full queue, `engine_overloaded`, is no sign that the candidate is down).
 DOWN_CODES = frozenset({"variant_unavailable", "empty_response", "engine_error"})
 # How long a candidate that failed so is passed over: its tier's requests go straight to the baseline instead
-# of each waiting up to ASSIGN_TIMEOUT_S (serving.variants) for a replica that is restarting. The first
+# of each waiting up to ASSIGN_TIMEOUT_S (serving.variants.client) for a replica that is restarting. The first
 # request after it tries the candidate again.
 CANDIDATE_DOWN_HOLD_S = 10.0
 
@@ -96,12 +97,12 @@ class RouterCore:
         self.secret: bytes | None = None
         self.local_key = secrets.token_bytes(32)  # signs until the controller's secret arrives
         self.readiness = Readiness()
-        self.drain = Drain()  # set on shutdown (serving.drain): new requests refused, those in flight counted
+        self.drain = Drain()  # set on shutdown (serving.route.drain): new requests refused, those in flight counted
         self.engine_facts: dict[str, dict[str, Any]] = {}
         self.shadower.on_compared = self.follower.record
         self.config_version = 0
         self.down_until: dict[str, float] = {}  # candidate -> until when it is passed over (monotonic)
-        # From the controller: variants unfit on this machine (serving.verify), out of the rollout, with why.
+        # From the controller: variants unfit on this machine (serving.engine.verify), out of the rollout, with why.
         self.unfit: dict[str, str] = {}
         self.start_series(config)
 
@@ -515,7 +516,7 @@ def create_app(core_of: Callable[[], RouterCore], startup: list[Hook] | None = N
         yield
 
     app = FastAPI(title="precision-serving router", lifespan=lifespan, docs_url=None, redoc_url=None)
-    # The handlers read their bodies themselves; the document declares them (serving.openapi).
+    # The handlers read their bodies themselves; the document declares them (serving.edge.openapi).
     documents = openapi.Cached()
     app.openapi = lambda: documents.of(core_of().config)  # type: ignore[method-assign]
     app.add_middleware(HeaderLimits, limits_of=lambda: core_of().config.limits)

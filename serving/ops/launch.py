@@ -1,5 +1,5 @@
 """Starts Ray and Ray Serve on this machine, serves the configured application, and on Ctrl-C or SIGTERM drains
-the answers in flight (serving.drain) and stops everything; `apply` hands a changed config file to the running
+the answers in flight (serving.route.drain) and stops everything; `apply` hands a changed config file to the running
 application.
 
 The terminal shows what an operator needs: one line per engine as it comes up (precision, activation
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 RAY_LOGICAL_CPUS = 12
 STARTUP_POLL_S = 0.5
 # Loggers that print to the driver's terminal while the stack starts; their records stay in Ray's files.
-CHATTY_LOGGERS = ("ray", "ray.serve", "ray.llm", "vllm", "serving.app")
+CHATTY_LOGGERS = ("ray", "ray.serve", "ray.llm", "vllm", "serving.deploy.app")
 # How often every process hands its metrics to the node's metrics agent, for a Ray started here (Ray's
 # default, 10 s, would leave the demo's and the tests' first scrapes empty); Ray's own Serve tests use 1 s.
 METRICS_REPORT_INTERVAL_MS = 1000
@@ -158,7 +158,7 @@ def serve(config_path: Path, address: str | None = None) -> int:
     if address is None:  # a cluster that is joined has its own environment (helm/serving: values.yaml)
         set_fast_path_env()
     # The application module imports vLLM (about 6 s on 2 cores); do that while Ray starts its processes.
-    importing = threading.Thread(target=importlib.import_module, args=("serving.app",), daemon=True)
+    importing = threading.Thread(target=importlib.import_module, args=("serving.deploy.app",), daemon=True)
     importing.start()
     where = f"the Ray cluster at {address}" if address else "Ray"
     clock.say(f"starting {where} and {len(config.variants)} engines ({', '.join(config.variants)}) ...")
@@ -200,12 +200,12 @@ def serve(config_path: Path, address: str | None = None) -> int:
 
 def drain(bound_s: float, clock: Clock) -> None:
     """Has every router replica refuse new requests and waits, up to `bound_s`, for the ones in flight to end
-    (serving.drain), through the rollout controller: Serve's own stop, which follows, kills the HTTP proxy and
+    (serving.route.drain), through the rollout controller: Serve's own stop, which follows, kills the HTTP proxy and
     every answer streaming through it."""
     import ray
 
-    from serving.drain import DrainStatus
     from serving.rollout.controller import controller
+    from serving.route.drain import DrainStatus
 
     def begin() -> None:
         ray.get(controller().begin_drain.remote(), timeout=10)
@@ -223,7 +223,7 @@ def drain(bound_s: float, clock: Clock) -> None:
 def follow_drain(begin: Callable[[], None], status: Callable[[], Any], bound_s: float, clock: Clock) -> None:
     """Begins the drain and waits for it, saying on the terminal how it went. A drain that cannot begin or be
     followed (no controller) is skipped: the stop goes on."""
-    from serving.drain import wait_for_drain
+    from serving.route.drain import wait_for_drain
 
     try:
         begin()
@@ -260,8 +260,8 @@ def deploy(config: Config, clock: Clock) -> None:
     """Deploys the application and prints a line per deployment as it becomes ready."""
     from ray import serve as ray_serve
 
-    from serving.app import build_app, cluster_has_gpus, variant_deployment
-    from serving.serve_config import APP_NAME
+    from serving.deploy.app import build_app, cluster_has_gpus, variant_deployment
+    from serving.deploy.serve_config import APP_NAME
 
     app = build_app(config, gpu_default=cluster_has_gpus())
     ray_serve.run_many([ray_serve.RunTarget(app, name=APP_NAME, route_prefix="/")], wait_for_applications_running=False)

@@ -74,13 +74,13 @@ def _summary(found: dict[str, object]) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from serving.launch import serve
+    from serving.ops.launch import serve
 
     return serve(args.config, address=args.address)
 
 
 def _serve_config(args: argparse.Namespace) -> int:
-    from serving.serve_config import render, serve_config
+    from serving.deploy.serve_config import render, serve_config
 
     generated = serve_config(args.config, base_dir=args.base_dir, http_host=args.http_host)
     command = " ".join(
@@ -100,18 +100,18 @@ def _serve_config(args: argparse.Namespace) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
-    from serving.launch import apply
+    from serving.ops.launch import apply
 
     return apply(args.config)
 
 
 def _check(args: argparse.Namespace) -> int:
     from serving.config import load_config
-    from serving.launch import check_state_file
+    from serving.ops.launch import check_state_file
     from serving.release.policy import enforce
 
     config = load_config(args.config)
-    enforce(config, args.config)  # serve and apply refuse the same (serving.launch)
+    enforce(config, args.config)  # serve and apply refuse the same (serving.ops.launch)
     print(f"{args.config}: valid ({len(config.variants)} variants, {len(config.tiers)} tiers, {len(config.keys)} keys)")
     for name, variant in config.variants.items():
         # Nothing is downloaded here: a hub model is fetched by each engine's node when it starts.
@@ -145,7 +145,7 @@ def _rollout_reset_state(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from serving.config import GateConfig, load_config
-    from serving.evaluate import EvaluateError, evaluate, sign_off
+    from serving.release.evaluate import EvaluateError, evaluate, sign_off
 
     gate = load_config(args.config).gate if args.config else GateConfig()
     try:
@@ -178,7 +178,7 @@ def _is_noise(built: dict[str, Any]) -> bool:
 
 
 def _sign_off(args: argparse.Namespace) -> int:
-    from serving.evaluate import EvaluateError, sign_off
+    from serving.release.evaluate import EvaluateError, sign_off
 
     try:
         gate = sign_off(args.candidate, args.by, args.baseline)
@@ -190,7 +190,7 @@ def _sign_off(args: argparse.Namespace) -> int:
 
 
 def _rollout_status(args: argparse.Namespace) -> int:
-    from serving.launch import rollout_status
+    from serving.ops.launch import rollout_status
 
     status = rollout_status()
     print(json.dumps(status, indent=2, sort_keys=True) if args.json else rollout_table(status))
@@ -204,7 +204,7 @@ def _rollout_operate(args: argparse.Namespace) -> int:
 
     import ray
 
-    from serving.launch import connect
+    from serving.ops.launch import connect
 
     by = f"{getpass.getuser()}@{socket.gethostname()}"
     try:
@@ -312,7 +312,7 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--no-verify",
         action="store_true",
-        help="skip proving each variant on this machine (serving.verify; the engines still do at start-up)",
+        help="skip proving each variant on this machine (serving.engine.verify; the engines still do at start-up)",
     )
     build.set_defaults(func=_models_build)
     show.add_argument("--json", action="store_true", help="print the whole manifests as JSON")

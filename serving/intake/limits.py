@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.config import LimitsConfig
 from serving.errors import BadRequest, HeadersTooLarge
-from serving.variants import Endpoint, EngineRequest
+from serving.variants.client import Endpoint, EngineRequest
 
 # vLLM's extension fields that a client must not set, and why.
 SERVER_ONLY = {

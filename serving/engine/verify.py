@@ -1,6 +1,6 @@
 """Verify, don't predict: a variant proves on the machine that serves it that it answers like its reference.
 
-Before a variant takes traffic (at each engine's start-up, `serving.engine`) and when `serving models build`
+Before a variant takes traffic (at each engine's start-up, `serving.engine.server`) and when `serving models build`
 builds it, it answers a fixed handful of the evaluation set's facts greedily; a quantized variant's answers are
 then compared, word for word, with the reference's (the config's full-precision variant) on the same machine.
 A variant that crashes, or whose agreement falls below the floor, is unfit on this machine:
@@ -187,7 +187,7 @@ def machine() -> dict[str, Any]:
     """What decides the kernels a variant runs (and so whether it runs): the record's key."""
     from importlib import metadata
 
-    from serving import hardware
+    from serving.engine import hardware
 
     def version(*names: str) -> str | None:
         for name in names:
@@ -212,7 +212,7 @@ def gpu_name() -> str | None:
     not: its engine workers hold the GPU), so the build and the engines key the record alike."""
     import shutil
 
-    from serving import hardware
+    from serving.engine import hardware
 
     return hardware.nvidia_smi_gpu().device if shutil.which("nvidia-smi") else None
 

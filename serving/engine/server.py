@@ -3,15 +3,15 @@ it is ready.
 
 An engine's first generations are slow (kernels are built on first use), and whether a variant's kernels
 run right depends on this machine (STACK.md, quirk 10). So a replica of this class, inside its constructor,
-answers the fixed facts of `serving.verify` and judges them against the reference variant's answers on the
-same machine, trying the viable activation dtypes in `serving.hardware.dtype_order`'s order and keeping the
+answers the fixed facts of `serving.engine.verify` and judges them against the reference variant's answers on the
+same machine, trying the viable activation dtypes in `serving.engine.hardware.dtype_order`'s order and keeping the
 first that passes. Ray Serve marks it healthy, and routes traffic to it, only once it is warm and proven:
 at startup, on a restart and on scale-out alike. These calls go to the engine directly, never through the
 router, so they count in no router metric or rollout signal.
 
 A variant that no dtype makes fit is unfit on this machine, with the reason in the machine-local record:
 - a `required` one (a tier's baseline, or the reference) raises, and Serve reports the deployment failed,
-  which stops start-up with the engine's own name and reason (serving.launch);
+  which stops start-up with the engine's own name and reason (serving.ops.launch);
 - any other (a candidate, a shadow-only target) stays up with no engine, refuses every call, and tells the
   rollout controller (`VariantUnfit`), which takes it out of the rollout: the stack serves every tier from
   its baseline, and Serve, seeing a healthy replica, never restarts an engine that cannot run here.
@@ -34,14 +34,22 @@ from typing import Any
 
 from ray.serve.llm import LLMServer
 
-from serving import verify
-from serving.hardware import Capabilities, Dtype, DtypeChoice, choose_compile, cpu_threads_bind, detect, dtype_order
-from serving.hardware import weights_dtype as saved_dtype
-from serving.kernels import merge
+from serving.engine import verify
+from serving.engine.hardware import (
+    Capabilities,
+    Dtype,
+    DtypeChoice,
+    choose_compile,
+    cpu_threads_bind,
+    detect,
+    dtype_order,
+)
+from serving.engine.hardware import weights_dtype as saved_dtype
+from serving.engine.kernels import merge
 from serving.rollout.controller import announce_started, announce_unfit
 from serving.rollout.signals import ReplicaStarted, VariantUnfit
 
-logger = logging.getLogger("serving.engine")
+logger = logging.getLogger("serving.engine.server")
 
 WARM_PROMPT = "Hello"
 # How long a variant waits for its reference's answers: the reference's engine starts beside it.
@@ -283,7 +291,7 @@ class VariantServer(LLMServer):  # type: ignore[misc]
         return time.monotonic() - started
 
     async def linear_kernels(self) -> list[str]:
-        """The kernels vLLM runs this variant's linear layers with (see serving.kernels)."""
+        """The kernels vLLM runs this variant's linear layers with (see serving.engine.kernels)."""
         try:
             return merge(await self.collective_rpc("linear_kernels"))
         except Exception as exc:  # a report, not a reason to refuse traffic

@@ -3,7 +3,7 @@
 vLLM picks its kernels from the CPU's or GPU's features, the layer shapes and the quantization config
 (STACK.md, quirk 10): no rule written from CPU flags has held on every machine. So nothing here predicts
 that a dtype works; it only orders the viable ones, and the engine that serves a variant proves the first
-that passes on this machine (`serving.verify`, `serving.engine`):
+that passes on this machine (`serving.engine.verify`, `serving.engine.server`):
 
     detect() -> Capabilities -> dtype_order(weights dtype, capabilities, pinned, kept) -> [DtypeChoice]
 

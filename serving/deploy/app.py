@@ -13,15 +13,15 @@ from typing import Any
 from ray import serve
 
 from serving.config import FULL_PRECISIONS, Config, ConfigError, VariantConfig, config_from_data
-from serving.engine import Placement, VariantServer, Verification
-from serving.kernels import WORKER_EXTENSION
+from serving.engine.kernels import WORKER_EXTENSION
+from serving.engine.server import Placement, VariantServer, Verification
 from serving.metrics import Metrics, RayExport
 from serving.models import manifest
 from serving.rollout.follower import RayController
-from serving.router import RouterCore, create_app
-from serving.variants import RayVariant
+from serving.route.core import RouterCore, create_app
+from serving.variants.client import RayVariant
 
-logger = logging.getLogger("serving.app")
+logger = logging.getLogger("serving.deploy.app")
 
 KV_CACHE_GIB = "1"  # GiB per engine: the CPU default reserves far more than tiny models need
 SYNC_INTERVAL_S = 0.5
@@ -98,7 +98,7 @@ def llm_config(model: str, name: str, variant: VariantConfig, *, gpu: bool) -> A
             "max_model_len": variant.max_model_len,
             "enable_log_requests": False,
             "worker_extension_cls": WORKER_EXTENSION,
-            # Shadow generations and scoring calls carry a lower priority (serving.shadow.SHADOW_PRIORITY):
+            # Shadow generations and scoring calls carry a lower priority (serving.shadow.shadower.SHADOW_PRIORITY):
             # the engine schedules every waiting primary first.
             "scheduling_policy": "priority",
         },
@@ -201,7 +201,7 @@ def verification_plan(config: Config, name: str, reference: str | None) -> Verif
 
 
 def build_from_args(args: dict[str, Any]) -> Any:
-    """The application builder that a Ray Serve config file names (`import_path: serving.app:build_from_args`),
+    """The application builder that a Ray Serve config file names (`import_path: serving.deploy.app:build_from_args`),
     with the args that `serving serve-config` writes: `config` (the validated config file's content) and
     `base_dir` (where its relative paths resolve on the cluster). The config is validated again here,
     on the cluster, so a hand-edited file is refused with the same messages as `serving check`."""

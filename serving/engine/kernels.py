@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-WORKER_EXTENSION = "serving.kernels.KernelReport"
+WORKER_EXTENSION = "serving.engine.kernels.KernelReport"
 
 
 def describe_layer(module: Any) -> str | None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from serving.config import LimitsConfig
 from serving.errors import TooManyRequests, Unavailable
-from serving.variants import Endpoint, EngineRequest, QueueWaitExceeded
+from serving.variants.client import Endpoint, EngineRequest, QueueWaitExceeded
 
 CHARS_PER_TOKEN = 4  # a prompt's tokens, estimated before tokenizing (the engine tokenizes)
 ENGINE_BUSY_RETRY_S = 1

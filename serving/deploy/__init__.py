@@ -1,0 +1,1 @@
+"""Building the Ray Serve application (app) and its config file (serve_config)."""

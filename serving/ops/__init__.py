@@ -1,0 +1,1 @@
+"""The operator's side: the `serving` command line and the launcher."""

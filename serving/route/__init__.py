@@ -1,0 +1,1 @@
+"""Where a request goes: the router core, the routing decision, escalation, signed response ids, drain, readiness."""

@@ -1,0 +1,1 @@
+"""Off the response path: the shadower and the pure comparison of a pair."""

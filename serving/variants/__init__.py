@@ -1,0 +1,1 @@
+"""Calling a variant: the client (Ray handle, fake), and the load each engine carries."""
