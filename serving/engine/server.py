@@ -35,16 +35,7 @@ from typing import Any
 from ray.serve.llm import LLMServer
 
 from serving.engine import verify
-from serving.engine.hardware import (
-    Capabilities,
-    Dtype,
-    DtypeChoice,
-    choose_compile,
-    cpu_threads_bind,
-    detect,
-    dtype_order,
-)
-from serving.engine.hardware import weights_dtype as saved_dtype
+from serving.engine.hardware import Capabilities, Dtype, DtypeChoice, choose_compile, cpu_threads_bind, detect
 from serving.engine.kernels import merge
 from serving.rollout.controller import announce_started, announce_unfit
 from serving.rollout.signals import ReplicaStarted, VariantUnfit
@@ -101,13 +92,6 @@ def configure(llm_config: Any, pinned_compile: bool | None, placement: Placement
     return capabilities, compiled
 
 
-def dtype_choices(llm_config: Any, capabilities: Capabilities, pinned: Dtype | None) -> list[DtypeChoice]:
-    """The dtypes to try, the one that passed on this machine before first."""
-    model_dir = Path(llm_config.model_loading_config.model_source)
-    kept = verify.kept_dtype(model_dir) if model_dir.is_dir() else None
-    return dtype_order(saved_dtype(model_dir), capabilities, pinned, kept)  # type: ignore[arg-type]
-
-
 class VariantServer(LLMServer):  # type: ignore[misc]
     # Ray Serve awaits an async constructor; LLMServer's own is one.
     async def __init__(  # type: ignore[misc]
@@ -128,9 +112,11 @@ class VariantServer(LLMServer):  # type: ignore[misc]
         self.announcing: asyncio.Task[Any] | None = None  # kept from the GC
         plan = verification or Verification()
         capabilities, compiled = configure(llm_config, pinned_compile, placement or Placement())
-        choices = dtype_choices(llm_config, capabilities, pinned_dtype)
+        model_dir = Path(llm_config.model_loading_config.model_source)
+        found = verify.machine()  # the record's key, read once: the record is read and written under it
+        choices = verify.dtype_choices(model_dir, capabilities, pinned_dtype, found)
         self.verdict, choice = await self.prove(llm_config, choices, plan, reference)
-        self.record = self.keep_record(llm_config)
+        self.record = self.keep_record(model_dir, found)
         self.facts: dict[str, Any] = {
             "variant": variant,
             "precision": precision,
@@ -171,16 +157,14 @@ class VariantServer(LLMServer):  # type: ignore[misc]
         attempts: list[verify.Attempt] = []
         last: verify.Verdict | None = None
         theirs: tuple[verify.Answer, ...] | None = None
-        first = True
         for choice in choices:
             llm_config.update_engine_kwargs(dtype=choice.dtype)
             try:
-                await self.start_engine(llm_config, first)
-                first = False
+                await self.start_engine(llm_config)
                 mine = await self.answer_facts()
             except Exception as exc:  # the engine could not start or answer in this dtype
                 logger.warning("variant %s failed in %s: %r", self.variant, choice.dtype, exc)
-                attempts.append(verify.crashed(self.variant, choice.dtype, exc))
+                attempts.append(verify.crashed(choice.dtype, exc))
                 await self.stop_engine()
                 continue
             if plan.reference is not None and theirs is None:
@@ -199,9 +183,9 @@ class VariantServer(LLMServer):  # type: ignore[misc]
             await self.stop_engine()
         return verify.unfit(self.variant, attempts, last), None
 
-    async def start_engine(self, llm_config: Any, first: bool) -> None:
+    async def start_engine(self, llm_config: Any) -> None:
         """LLMServer's own start: its constructor the first time, a new engine (`start`) after a failed try."""
-        if first or not hasattr(self, "_llm_config"):
+        if not hasattr(self, "_llm_config"):  # set by LLMServer's constructor, before it starts the engine
             await super().__init__(llm_config, engine_cls=engine_class(self._get_default_engine_class()))
         else:
             await self.start()
@@ -238,13 +222,12 @@ class VariantServer(LLMServer):  # type: ignore[misc]
         """This replica's answers to the facts, for the variants judged against it."""
         return [dataclasses.asdict(a) for a in self.verdict.answers] if self.verdict.fit else []
 
-    def keep_record(self, llm_config: Any) -> Path | None:
+    def keep_record(self, model_dir: Path, found: dict[str, Any]) -> Path | None:
         """Writes the verdict to the machine-local record (a report: a read-only disk costs no traffic)."""
-        model_dir = Path(llm_config.model_loading_config.model_source)
         if not model_dir.is_dir():
             return None
         try:
-            return verify.write_entry(model_dir, self.verdict)
+            return verify.write_entry(model_dir, self.verdict, found)
         except OSError as exc:
             logger.warning("could not write the verification record of %s: %r", self.variant, exc)
             return None

@@ -27,7 +27,10 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from serving.engine.hardware import Capabilities, Dtype, DtypeChoice
 
 from serving.evals import DEMO_SET, EvalItem, load_eval_set
 
@@ -113,7 +116,7 @@ def agreement(answers: Sequence[Answer], reference: Sequence[Answer]) -> tuple[f
     same = 0
     for ref in reference:
         mine = next((a for a in answers if a.id == ref.id), None)
-        scores.append(overlap(answer_words(ref), words(mine.text)) if mine else 0.0)
+        scores.append(fact_agreement(ref, answers))
         same += mine is not None and words(mine.text) == words(ref.text)
     return sum(scores) / len(scores), same
 
@@ -139,7 +142,7 @@ def judge(
     if score >= floor:
         why = f"agreement {score:.2f} with {reference} on {len(reference_answers)} facts ({same} the same)"
         return Verdict(variant, True, why, dtype, agreement=score, same_answers=same, **common)  # type: ignore[arg-type]
-    worst = min(reference_answers, key=lambda r: side_score(r, answers))
+    worst = min(reference_answers, key=lambda r: fact_agreement(r, answers))
     mine = next((a.text for a in answers if a.id == worst.id), "")
     why = (
         f"agreement {score:.2f} with {reference} is below the floor {floor:g} in {dtype}: "
@@ -148,7 +151,8 @@ def judge(
     return Verdict(variant, False, why, None, agreement=score, same_answers=same, **common)  # type: ignore[arg-type]
 
 
-def side_score(reference: Answer, answers: Sequence[Answer]) -> float:
+def fact_agreement(reference: Answer, answers: Sequence[Answer]) -> float:
+    """One fact's overlap: the answer to the reference's question, matched by id (none answered: 0)."""
     mine = next((a for a in answers if a.id == reference.id), None)
     return overlap(answer_words(reference), words(mine.text)) if mine else 0.0
 
@@ -158,7 +162,7 @@ def clip(text: str, length: int = 60) -> str:
     return text if len(text) <= length else text[: length - 3] + "..."
 
 
-def crashed(variant: str, dtype: str, error: BaseException) -> Attempt:
+def crashed(dtype: str, error: BaseException) -> Attempt:
     """An attempt whose engine failed to start or to answer: the error's first line, as the record keeps it."""
     first = (str(error).strip().splitlines() or [""])[0][:300]
     return Attempt(dtype, f"the engine failed in {dtype}: {type(error).__name__}: {first}".rstrip(": "))
@@ -263,6 +267,17 @@ def kept_dtype(folder: Path, found: dict[str, Any] | None = None) -> str | None:
         return None
     dtype = entry["verdict"].get("dtype")
     return str(dtype) if dtype else None
+
+
+def dtype_choices(
+    folder: Path, capabilities: Capabilities, pinned: Dtype | None = None, found: dict[str, Any] | None = None
+) -> list[DtypeChoice]:
+    """The dtypes to try for the variant in `folder` on this machine (`hardware.dtype_order`), the one that passed
+    here before first: the engines, the build's verification and the release gate take the same order."""
+    from serving.engine import hardware
+
+    kept = kept_dtype(folder, found) if folder.is_dir() else None
+    return hardware.dtype_order(hardware.weights_dtype(folder), capabilities, pinned, kept)  # type: ignore[arg-type]
 
 
 def write_entry(folder: Path, verdict: Verdict, found: dict[str, Any] | None = None) -> Path:

@@ -23,12 +23,12 @@ def verify_variant(
     reference: str | None,
     reference_answers: tuple[verify.Answer, ...],
     floor: float = verify.MIN_AGREEMENT,
+    found: dict[str, object] | None = None,
 ) -> verify.Verdict:
     """Probes the variant in each dtype in turn until one passes; the verdict holds every attempt."""
     from serving.engine import hardware
 
-    capabilities = hardware.detect()
-    order = hardware.dtype_order(hardware.weights_dtype(folder), capabilities, kept=verify.kept_dtype(folder))  # type: ignore[arg-type]
+    order = verify.dtype_choices(folder, hardware.detect(), found=found)
     attempts: list[verify.Attempt] = []
     last: verify.Verdict | None = None
     for choice in order:
@@ -36,7 +36,7 @@ def verify_variant(
             report = probe.run_probe(folder, dtype=choice.dtype)
         except RuntimeError as exc:
             lines = [line for line in str(exc).splitlines() if line.strip()]
-            attempts.append(verify.crashed(name, choice.dtype, RuntimeError(lines[-1] if lines else str(exc))))
+            attempts.append(verify.crashed(choice.dtype, RuntimeError(lines[-1] if lines else str(exc))))
             continue
         answers = verify.answers_from(report["verification_answers"])
         verdict = verify.judge(name, choice.dtype, answers, reference, reference_answers, floor)
@@ -67,7 +67,7 @@ def verify_family(models: family.Family, out: Path) -> dict[str, verify.Verdict]
             verdict = verdict_from(entry["verdict"])
             said = "verified before"
         else:
-            verdict = verify_variant(folder, variant.name, reference, reference_answers, models.min_agreement)
+            verdict = verify_variant(folder, variant.name, reference, reference_answers, models.min_agreement, found)
             verify.write_entry(folder, verdict, found)
             said = f"verified in {time.monotonic() - started:.0f} s"
         if variant.is_base:

@@ -33,15 +33,14 @@ def answer(folder: Path, eval_set: Path, *, reverse: bool, reference: list[dict[
     from vllm import LLM, SamplingParams
 
     from serving.engine import hardware
-    from serving.engine.verify import kept_dtype
+    from serving.engine.verify import dtype_choices
     from serving.evals import load_eval_set
     from serving.models import manifest
 
     items = load_eval_set(eval_set)
     capabilities = hardware.detect()
     precision = manifest.read_manifest(folder)["precision"]
-    kept = kept_dtype(folder)  # the dtype this machine's verification kept, as the served engine takes it
-    choice = hardware.dtype_order(hardware.weights_dtype(folder), capabilities, kept=kept)[0]  # type: ignore[arg-type]
+    choice = dtype_choices(folder, capabilities)[0]  # the dtype this machine's verification kept, as the engines
     llm = LLM(model=str(folder), max_model_len=1024, seed=0, enforce_eager=True, dtype=choice.dtype)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     order = list(reversed(items)) if reverse else items

@@ -6,6 +6,7 @@ engine): the judgement (pass, garbage, empty), the machine-local record, the eng
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -18,6 +19,7 @@ from serving.config import load_config
 from serving.engine import verify
 from serving.engine.hardware import Capabilities
 from serving.engine.server import Unfit, VariantServer, Verification
+from serving.models import family, verification
 from serving.models.manifest import MANIFEST_NAME
 from serving.rollout.controller import Rollout
 from serving.rollout.signals import ReplicaStarted, VariantUnfit
@@ -196,7 +198,7 @@ def proving(behaviour: dict[str, str]) -> type[VariantServer]:
         stopped: int
         told: list[VariantUnfit | str]
 
-        async def start_engine(self, llm_config: Any, first: bool) -> None:
+        async def start_engine(self, llm_config: Any) -> None:
             self.__dict__.setdefault("started", []).append(llm_config.engine_kwargs["dtype"])
             self._llm_config = llm_config
             if behaviour[llm_config.engine_kwargs["dtype"]] == "crash":
@@ -408,3 +410,73 @@ async def test_the_router_never_sends_to_an_unfit_variant_and_refuses_overrides_
     assert ready.json()["unfit"] == core.unfit
     assert "int8" not in ready.json()["variants"]
     assert models.json()["data"][0]["variants"]["int8"]["unfit"] == core.unfit["int8"]
+
+
+# -- the build's verification, its probe faked ----------------------------------------------------------------------
+def built(tmp_path: Path) -> Path:
+    for variant in family.TINY.variants:
+        folder = tmp_path / variant.folder
+        folder.mkdir()
+        (folder / MANIFEST_NAME).write_text(json.dumps({"weights_sha256": variant.name * 8}))
+    return tmp_path
+
+
+def fake_probe(monkeypatch: pytest.MonkeyPatch, behaviour: dict[tuple[str, str], str]) -> list[tuple[str, str]]:
+    """`probe.run_probe` per (folder, dtype): "crash" (the child failed), "garbage" or "right" answers."""
+    probed: list[tuple[str, str]] = []
+
+    def run_probe(folder: Path, eval_set: Path | None = None, dtype: str | None = None) -> dict[str, Any]:
+        probed.append((folder.name, str(dtype)))
+        what = behaviour.get((folder.name, str(dtype)), "right")
+        if what == "crash":
+            raise RuntimeError(f"probing {folder} failed:\nTraceback ...\nc10::Error: scale_C: scalar path")
+        texts = answers(GARBAGE if what == "garbage" else RIGHT)
+        return {
+            "verification_answers": [{"id": a.id, "prompt": a.prompt, "text": a.text} for a in texts],
+            "linear_kernels": ["CompressedTensorsW8A8Int8/CPUInt8ScaledMMLinearKernel/onednn"],
+        }
+
+    monkeypatch.setattr("serving.models.probe.run_probe", run_probe)
+    monkeypatch.setattr("serving.engine.hardware.detect", lambda gpu=False: Capabilities("cpu", "Intel Xeon", amx=True))
+    return probed
+
+
+def test_the_build_judges_each_variant_against_fp16_and_tries_the_next_dtype(
+    tmp_path: Path, record_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = built(tmp_path)
+    probed = fake_probe(monkeypatch, {("int8-w8a8", "float16"): "crash", ("awq-w4a16", "float16"): "garbage"})
+    smol_floor = dataclasses.replace(family.TINY, min_agreement=verify.MIN_AGREEMENT)  # tiny's own floor is 0
+    verdicts = verification.verify_family(smol_floor, out)
+    assert probed == [
+        ("fp16", "float16"),
+        ("int8-w8a8", "float16"),
+        ("int8-w8a8", "bfloat16"),
+        ("awq-w4a16", "float16"),
+        ("awq-w4a16", "bfloat16"),
+    ]
+    assert (verdicts["fp16"].fit, verdicts["int8"].fit, verdicts["awq"].fit) == (True, True, True)
+    assert verdicts["int8"].dtype == "bfloat16"
+    assert verdicts["int8"].attempts[0].outcome.endswith("c10::Error: scale_C: scalar path")
+    assert verdicts["int8"].where == "build"
+    assert verdicts["awq"].attempts[0].outcome.startswith("agreement 0.00 with fp16 is below the floor 0.3")
+    out_lines = capsys.readouterr().out
+    assert "int8  fit in bfloat16: agreement 1.00 with fp16 on 6 facts (6 the same); kernels" in out_lines
+    assert verify.kept_dtype(out / "int8-w8a8") == "bfloat16"
+    # Again on this machine: nothing is probed, every verdict comes from the record.
+    probed.clear()
+    again = verification.verify_family(smol_floor, out)
+    assert probed == []
+    assert again["int8"].dtype == "bfloat16"
+    assert "(verified before)" in capsys.readouterr().out
+
+
+def test_the_build_stops_judging_when_the_base_cannot_run(
+    tmp_path: Path, record_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = built(tmp_path)
+    probed = fake_probe(monkeypatch, {("fp16", "float16"): "crash", ("fp16", "bfloat16"): "crash"})
+    verdicts = verification.verify_family(family.TINY, out)
+    assert list(verdicts) == ["fp16"]
+    assert not verdicts["fp16"].fit
+    assert [p[0] for p in probed] == ["fp16", "fp16"]
